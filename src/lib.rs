@@ -1,0 +1,19 @@
+//! redis-entra-proxy: a sidecar that lets any Redis client use Azure Cache for Redis and Azure
+//! Managed Redis with Microsoft Entra ID (or an access key) over plain `localhost:6379`.
+//!
+//! Where things live:
+//! * [`config`]: flags, environment and connection strings → one [`config::Config`].
+//! * [`credential`]: token sources and the refreshing token manager.
+//! * [`upstream`]: TLS connect + `AUTH` + `SELECT` of one upstream connection.
+//! * [`relay`]: the per-connection byte relay and **re-authentication** (`relay::session`).
+//! * [`server`]: the listener that accepts applications and starts one relay per client.
+//! * [`check`]: the `check` subcommand that runs the whole path once.
+
+pub mod check;
+pub mod config;
+pub mod credential;
+pub mod logging;
+pub mod relay;
+pub mod secret;
+pub mod server;
+pub mod upstream;
