@@ -1,0 +1,2274 @@
+//! Configuration: command-line flags, environment variables and connection strings.
+//!
+//! Every option is a flag and an environment variable (the flag wins); the upstream and
+//! credential variables are the ones Azure Service Connector injects, so a pod that already has
+//! a Service Connector binding needs nothing new. This module turns all of that into one
+//! resolved, validated [`Config`]; nothing else in the crate reads the environment for options.
+//! A configuration error is a [`ConfigError`]: `main` prints its one line and exits with status 2.
+//!
+//! How it is put together: clap only splits the command line into raw strings ([`ProxyArgs`]);
+//! every value, whether it came from a flag or a variable, then goes through the same small
+//! parsers here. That keeps one error style (`configuration error: invalid --auth 'x': expected
+//! auto, entra, access-key or none`) and lets tests inject the environment through a function
+//! instead of mutating the process environment. An empty value counts as unset, because
+//! templated manifests often render an unset option as `""`.
+
+use crate::secret::Secret;
+use clap::{Args, Parser, Subcommand};
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Port of Azure Cache for Redis' TLS endpoint, used when no port is given anywhere.
+const DEFAULT_PORT: u16 = 6380;
+/// Entra scope of Azure Cache for Redis and Azure Managed Redis.
+pub const DEFAULT_SCOPE: &str = "https://redis.azure.com/.default";
+/// Where applications connect by default: loopback only, so nothing else can borrow the
+/// proxy's credentials.
+const DEFAULT_LISTEN: &str = "127.0.0.1:6379";
+/// Health and metrics endpoint by default.
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// A new token is fetched once this fraction of the current one's lifetime has passed.
+const DEFAULT_TOKEN_REFRESH_AT: f64 = 0.75;
+/// Live connections are re-authenticated at least this long before their token expires.
+const DEFAULT_REAUTH_MARGIN: Duration = Duration::from_secs(3 * 60);
+/// How long live connections may finish after the listener closed.
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Upper bound for connecting, TLS and `AUTH` of one upstream connection.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `wait` polls before giving up (the same default as Cloud SQL Auth Proxy's `wait`).
+const DEFAULT_WAIT_MAX: Duration = Duration::from_secs(30);
+/// The two accepted connection-string forms, quoted by every connection-string error.
+const CONNECTION_STRING_FORMS: &str =
+    "expected rediss://[user][:password]@host:port[/db] or host:port,password=...,ssl=True";
+/// What a duration looks like, quoted by every duration error.
+const DURATION_FORMAT: &str = "a duration such as 3m, 30s, 500ms or 0s";
+
+/// What the process was asked to do: the subcommand, with its resolved options.
+#[derive(Debug)]
+pub enum Command {
+    /// No subcommand: run the proxy until a shutdown signal.
+    Run(Config),
+    /// `check`: run the whole path once (token, TLS, `AUTH`, `PING`) and report each step.
+    Check(Config),
+    /// `wait`: poll the admin endpoint's `/startup` until the proxy is up.
+    Wait {
+        /// The admin endpoint (`host:port`) of the proxy to wait for.
+        admin: String,
+        /// Give up after this long.
+        max: Duration,
+    },
+    /// `shutdown`: ask the proxy behind the admin endpoint to shut down gracefully.
+    Shutdown {
+        /// The admin endpoint (`host:port`) of the proxy to stop.
+        admin: String,
+    },
+    /// `--help` or `--version`: text for stdout, after which the process exits with status 0.
+    Help(String),
+}
+
+/// The resolved configuration of one proxy process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The cache's host name (also the default TLS server name).
+    pub upstream_host: String,
+    /// The cache's port (6380 when not given; Azure Managed Redis uses 10000).
+    pub upstream_port: u16,
+    /// TLS to the upstream; plaintext only when explicitly disabled.
+    pub tls: bool,
+    /// SNI and certificate name; defaults to `upstream_host`.
+    pub tls_server_name: String,
+    /// Extra trusted CA bundle (PEM) for the upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Database `SELECT`ed on each new upstream connection when not 0.
+    pub database: u32,
+    /// How upstream connections authenticate.
+    pub auth: AuthConfig,
+    /// Entra token scope.
+    pub scope: String,
+    /// Fraction of a token's lifetime after which a new one is fetched.
+    pub token_refresh_at: f64,
+    /// Live connections are re-authenticated at least this long before their token expires
+    /// (capped at a quarter of the token's lifetime).
+    pub reauth_margin: Duration,
+    /// Redis user for Entra `AUTH`; `None` means the token's `oid` claim.
+    pub redis_username: Option<String>,
+    /// Where applications connect.
+    pub listen: ListenAddr,
+    /// When set, clients must `AUTH` with this password first.
+    pub listen_password: Option<Secret>,
+    /// Maximum concurrent clients (0: no limit).
+    pub max_connections: usize,
+    /// Upstream connections kept connected and authenticated ahead of demand.
+    pub warm_connections: usize,
+    /// Health and metrics HTTP endpoint; `None` when `off`.
+    pub admin_listen: Option<String>,
+    /// After SIGTERM, keep accepting new connections this long.
+    pub shutdown_delay: Duration,
+    /// Then, how long live connections may finish before they are closed.
+    pub shutdown_grace: Duration,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Upper bound for TCP connect + TLS handshake + `AUTH` of one upstream connection.
+    pub connect_timeout: Duration,
+    /// Non-fatal findings (an ignored connection-string key, an open listener, ...) for
+    /// `main` to log as warnings. Parsing happens before logging is set up (the log format is
+    /// itself an option), so they are kept here rather than logged on the spot. No secrets.
+    pub warnings: Vec<String>,
+}
+
+/// Where the proxy listens for applications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `host:port` (resolved at bind time).
+    Tcp(String),
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+/// Log output format (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The authentication mode after `auto` has been resolved.
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    /// No `AUTH` at all (a local or already-open upstream).
+    None,
+    /// An access key, sent as `AUTH [user] key`.
+    AccessKey {
+        /// Where the key comes from.
+        source: KeySource,
+        /// Username from the connection string, if any (Azure uses the default user).
+        username: Option<String>,
+    },
+    /// Microsoft Entra ID tokens, sent as `AUTH <oid> <token>`.
+    Entra(CredentialConfig),
+}
+
+/// Where an access key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// Given directly (connection string or `AZURE_REDIS_PASSWORD`).
+    Inline(Secret),
+    /// Read from a file (a mounted Kubernetes Secret) and re-read when it changes.
+    File(PathBuf),
+}
+
+/// Which Entra credential obtains tokens, with everything it needs.
+#[derive(Debug, Clone)]
+pub enum CredentialConfig {
+    /// AKS workload identity: a federated token file exchanged at the Entra authority.
+    WorkloadIdentity {
+        /// `AZURE_CLIENT_ID` (or `AZURE_REDIS_CLIENTID`).
+        client_id: String,
+        /// `AZURE_TENANT_ID` (or `AZURE_REDIS_TENANTID`).
+        tenant_id: String,
+        /// `AZURE_FEDERATED_TOKEN_FILE`.
+        token_file: PathBuf,
+        /// `AZURE_AUTHORITY_HOST`, when not the public cloud.
+        authority_host: Option<String>,
+    },
+    /// Managed identity: IMDS, or App Service / Container Apps when `IDENTITY_ENDPOINT` and
+    /// `IDENTITY_HEADER` are set. User-assigned when a client id is given.
+    ManagedIdentity {
+        /// User-assigned identity client id (`AZURE_REDIS_CLIENTID`).
+        client_id: Option<String>,
+    },
+    /// A service principal with a client secret.
+    ClientSecret {
+        /// Tenant id.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// The client secret.
+        secret: Secret,
+        /// `AZURE_AUTHORITY_HOST`, when not the public cloud.
+        authority_host: Option<String>,
+    },
+    /// The signed-in Azure CLI user (developer machines).
+    AzureCli {
+        /// Tenant id, when given.
+        tenant_id: Option<String>,
+    },
+}
+
+/// A configuration problem: one line that says what is wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// `host:port` of the upstream, with an IPv6 literal in brackets, ready to dial or log.
+    pub fn upstream_address(&self) -> String {
+        join_host_port(&self.upstream_host, self.upstream_port)
+    }
+
+    /// One line for the startup log: where the proxy connects, how it authenticates and where
+    /// it listens, so an operator can see what `auto` chose. Never contains a secret.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![
+            format!("upstream={}", self.upstream_address()),
+            format!("tls={}", self.tls),
+        ];
+        if self.tls && self.tls_server_name != self.upstream_host {
+            parts.push(format!("tls_server_name={}", self.tls_server_name));
+        }
+        if let Some(ca_file) = &self.ca_file {
+            parts.push(format!("ca_file={}", ca_file.display()));
+        }
+        if self.database != 0 {
+            parts.push(format!("database={}", self.database));
+        }
+        parts.push(self.auth.describe(self.redis_username.as_deref()));
+        parts.push(format!("listen={}", self.listen));
+        if self.listen_password.is_some() {
+            parts.push("listen_password=set".to_string());
+        }
+        let admin = self.admin_listen.as_deref().unwrap_or("off");
+        parts.push(format!("admin_listen={admin}"));
+        if self.max_connections > 0 {
+            parts.push(format!("max_connections={}", self.max_connections));
+        }
+        if self.warm_connections > 0 {
+            parts.push(format!("warm_connections={}", self.warm_connections));
+        }
+        parts.join(" ")
+    }
+}
+
+impl AuthConfig {
+    /// The `--auth` mode this resolved to: `none`, `access-key` or `entra`.
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            AuthConfig::None => "none",
+            AuthConfig::AccessKey { .. } => "access-key",
+            AuthConfig::Entra(_) => "entra",
+        }
+    }
+
+    /// `auth=… [key=…|credential=…] user=…` for [`Config::describe`]; no secret.
+    fn describe(&self, redis_username: Option<&str>) -> String {
+        match self {
+            AuthConfig::None => "auth=none".to_string(),
+            AuthConfig::AccessKey { source, username } => {
+                let key = match source {
+                    KeySource::Inline(_) => "inline".to_string(),
+                    KeySource::File(path) => format!("file:{}", path.display()),
+                };
+                let user = username.as_deref().unwrap_or("default");
+                format!("auth=access-key key={key} user={user}")
+            }
+            AuthConfig::Entra(credential) => {
+                let user = redis_username.unwrap_or("oid-claim");
+                format!("auth=entra {} user={user}", credential.describe())
+            }
+        }
+    }
+}
+
+impl CredentialConfig {
+    /// The `--credential` kind this resolved to, e.g. `workload-identity`.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            CredentialConfig::WorkloadIdentity { .. } => "workload-identity",
+            CredentialConfig::ManagedIdentity { .. } => "managed-identity",
+            CredentialConfig::ClientSecret { .. } => "client-secret",
+            CredentialConfig::AzureCli { .. } => "azure-cli",
+        }
+    }
+
+    /// `credential=… client_id=… tenant_id=…`: ids are not secrets, and they are what an
+    /// operator needs to match a role assignment or a Redis user.
+    fn describe(&self) -> String {
+        let mut parts = vec![format!("credential={}", self.kind_name())];
+        let (client_id, tenant_id) = match self {
+            CredentialConfig::WorkloadIdentity {
+                client_id,
+                tenant_id,
+                ..
+            }
+            | CredentialConfig::ClientSecret {
+                client_id,
+                tenant_id,
+                ..
+            } => (Some(client_id), Some(tenant_id)),
+            CredentialConfig::ManagedIdentity { client_id } => (client_id.as_ref(), None),
+            CredentialConfig::AzureCli { tenant_id } => (None, tenant_id.as_ref()),
+        };
+        if let Some(client_id) = client_id {
+            parts.push(format!("client_id={client_id}"));
+        }
+        if let Some(tenant_id) = tenant_id {
+            parts.push(format!("tenant_id={tenant_id}"));
+        }
+        parts.join(" ")
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    /// The address as the user writes it: `host:port` or `unix:/path`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => f.write_str(addr),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Parses the process's command line and environment.
+pub fn parse_command() -> Result<Command, ConfigError> {
+    let mut args = Vec::new();
+    for arg in std::env::args_os() {
+        let arg = arg.into_string().map_err(|_| {
+            ConfigError("a command-line argument is not valid UTF-8: pass it as UTF-8".into())
+        })?;
+        args.push(arg);
+    }
+    parse_from(args, &|name| std::env::var(name).ok())
+}
+
+/// Parses `args` (the first one is the program name) with environment variables looked up
+/// through `env`, so tests can inject variables without touching the process environment.
+pub fn parse_from(
+    args: impl IntoIterator<Item = String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Command, ConfigError> {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) => return help_or_usage_error(err),
+    };
+    let lookup = Lookup { env };
+    match cli.command {
+        None => resolve(cli.proxy, &lookup).map(Command::Run),
+        Some(Sub::Check(proxy)) => resolve(*proxy, &lookup).map(Command::Check),
+        Some(Sub::Wait(wait)) => Ok(Command::Wait {
+            admin: admin_endpoint(&wait.admin, &lookup)?,
+            max: lookup
+                .duration(&wait.max, WAIT_MAX)?
+                .unwrap_or(DEFAULT_WAIT_MAX),
+        }),
+        Some(Sub::Shutdown(admin)) => Ok(Command::Shutdown {
+            admin: admin_endpoint(&admin, &lookup)?,
+        }),
+    }
+}
+
+/// Turns clap's `--help`/`--version` into [`Command::Help`], and a usage error into a
+/// one-line [`ConfigError`] (first line of clap's message plus its tip, if any).
+fn help_or_usage_error(err: clap::Error) -> Result<Command, ConfigError> {
+    use clap::error::ErrorKind;
+    let text = err.render().to_string();
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        return Ok(Command::Help(text));
+    }
+    let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
+    let first = lines.next().unwrap_or("invalid command line");
+    let mut message = first.trim_start_matches("error: ").to_string();
+    for tip in lines.filter(|line| line.starts_with("tip:")) {
+        message.push_str(&format!(" ({tip})"));
+    }
+    if message.starts_with("the subcommand") {
+        message.push_str(
+            " (put the options after the subcommand: redis-entra-proxy check --upstream ...)",
+        );
+    }
+    message.push_str("; run 'redis-entra-proxy --help' to see the options");
+    Err(ConfigError(message))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line as clap sees it.
+// ---------------------------------------------------------------------------------------------
+
+/// The command line, split into raw strings. Values are validated later, together with the
+/// environment, so that both get the same parsers and the same one-line errors.
+#[derive(Debug, Parser)]
+#[command(
+    name = "redis-entra-proxy",
+    version,
+    about = "Lets any Redis client reach Azure Cache for Redis / Azure Managed Redis with \
+             Microsoft Entra ID (or an access key) over plain localhost.",
+    after_help = "Every option can also be set by the environment variable shown; the flag \
+                  wins. An empty value counts as unset.\n\n\
+                  Credentials come from the environment only: AZURE_REDIS_PASSWORD (access \
+                  key); AZURE_REDIS_CLIENTID, AZURE_REDIS_CLIENTSECRET, AZURE_REDIS_TENANTID \
+                  (Service Connector); AZURE_CLIENT_ID, AZURE_TENANT_ID, \
+                  AZURE_FEDERATED_TOKEN_FILE, AZURE_AUTHORITY_HOST (AKS workload identity); \
+                  IDENTITY_ENDPOINT, IDENTITY_HEADER (App Service / Container Apps managed \
+                  identity).",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Options of the proxy itself (no subcommand).
+    #[command(flatten)]
+    proxy: ProxyArgs,
+    /// What to do instead of running the proxy.
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Run the whole path once (configuration, token, TLS, AUTH, PING), print what was found at
+    /// each step, and exit 0 only if all of it works
+    Check(Box<ProxyArgs>),
+    /// Wait until the proxy on --admin-listen is up (GET /startup): run it before an app that
+    /// can't use a native sidecar
+    Wait(WaitArgs),
+    /// Ask the proxy on --admin-listen to shut down gracefully (POST /quitquitquit), e.g. from a
+    /// preStop hook or a Job's last step
+    Shutdown(AdminArgs),
+}
+
+/// Options of `wait`.
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Where the proxy is.
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Give up after this long [env: REDIS_PROXY_WAIT_MAX] [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    max: Option<String>,
+}
+
+/// Options of `wait` and `shutdown`: where the proxy's admin endpoint is.
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// Admin endpoint of the proxy [env: REDIS_PROXY_ADMIN_LISTEN] [default: 127.0.0.1:9090]
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+}
+
+/// The proxy's options (spec §2), shared by running the proxy and `check`, in the groups that
+/// `--help` shows.
+#[derive(Debug, Args)]
+struct ProxyArgs {
+    /// Where the cache is and how to reach it.
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+    /// How upstream connections authenticate.
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Where and how applications connect.
+    #[command(flatten)]
+    clients: ClientArgs,
+    /// Health, shutdown and logs.
+    #[command(flatten)]
+    ops: OpsArgs,
+}
+
+/// Where the cache is and how to reach it.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Upstream")]
+struct UpstreamArgs {
+    /// The cache; port 6380 when omitted [env: AZURE_REDIS_HOST (+ AZURE_REDIS_PORT)]
+    #[arg(long, value_name = "HOST[:PORT]")]
+    upstream: Option<String>,
+    /// rediss://[user][:password]@host:port[/db] or host:port,password=…,ssl=True,defaultDatabase=0
+    /// [env: AZURE_REDIS_CONNECTIONSTRING]
+    #[arg(long, value_name = "S")]
+    connection_string: Option<String>,
+    /// TLS to the upstream; plaintext only when false [env: AZURE_REDIS_SSL] [default: true]
+    #[arg(long, value_name = "BOOL")]
+    tls: Option<String>,
+    /// SNI and certificate name [env: REDIS_PROXY_TLS_SERVER_NAME] [default: the upstream host]
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Extra trusted CA (PEM) for the upstream [env: REDIS_PROXY_CA_FILE] [default: system roots]
+    #[arg(long, value_name = "PATH")]
+    ca_file: Option<String>,
+    /// SELECTed on each new upstream connection when not 0 [env: AZURE_REDIS_DATABASE] [default: 0]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    database: Option<String>,
+    /// Timeout for connect + TLS + AUTH of one upstream connection
+    /// [env: REDIS_PROXY_CONNECT_TIMEOUT] [default: 10s]
+    #[arg(long, value_name = "DUR")]
+    connect_timeout: Option<String>,
+}
+
+/// How upstream connections authenticate.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Authentication")]
+struct AuthArgs {
+    /// auto, entra, access-key or none [env: REDIS_PROXY_AUTH] [default: auto]
+    #[arg(long, value_name = "MODE")]
+    auth: Option<String>,
+    /// Access key read from a file (a mounted Secret), re-read when it changes
+    /// [env: REDIS_PROXY_ACCESS_KEY_FILE]; or give the key in AZURE_REDIS_PASSWORD
+    #[arg(long, value_name = "PATH")]
+    access_key_file: Option<String>,
+    /// auto, workload-identity, managed-identity, client-secret or azure-cli
+    /// [env: REDIS_PROXY_CREDENTIAL] [default: auto]
+    #[arg(long, value_name = "KIND")]
+    credential: Option<String>,
+    /// Entra token scope [env: REDIS_PROXY_SCOPE] [default: https://redis.azure.com/.default]
+    #[arg(long, value_name = "S")]
+    scope: Option<String>,
+    /// Fetch a new token once this fraction of its lifetime has passed
+    /// [env: REDIS_PROXY_TOKEN_REFRESH_AT] [default: 0.75]
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    token_refresh_at: Option<String>,
+    /// Re-authenticate live connections at least this long before their token expires
+    /// [env: REDIS_PROXY_REAUTH_MARGIN] [default: 3m]
+    #[arg(long, value_name = "DUR")]
+    reauth_margin: Option<String>,
+    /// Redis user for Entra AUTH [env: AZURE_REDIS_USERNAME] [default: the token's oid claim]
+    #[arg(long, value_name = "U")]
+    redis_username: Option<String>,
+}
+
+/// Where and how applications connect.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Applications")]
+struct ClientArgs {
+    /// host:port or unix:/path [env: REDIS_PROXY_LISTEN] [default: 127.0.0.1:6379]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// When set, clients must AUTH with it first [env: REDIS_PROXY_LISTEN_PASSWORD]
+    #[arg(long, value_name = "P")]
+    listen_password: Option<String>,
+    /// Extra clients get an error and are closed; 0 = no limit
+    /// [env: REDIS_PROXY_MAX_CONNECTIONS] [default: 0]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    max_connections: Option<String>,
+    /// Upstream connections kept authenticated ahead of demand
+    /// [env: REDIS_PROXY_WARM_CONNECTIONS] [default: 0]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    warm_connections: Option<String>,
+}
+
+/// Health, shutdown and logs.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Operations")]
+struct OpsArgs {
+    /// Health and metrics HTTP endpoint, or off [env: REDIS_PROXY_ADMIN_LISTEN]
+    /// [default: 127.0.0.1:9090]
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// After SIGTERM, keep accepting new connections this long
+    /// [env: REDIS_PROXY_SHUTDOWN_DELAY] [default: 0s]
+    #[arg(long, value_name = "DUR")]
+    shutdown_delay: Option<String>,
+    /// Then, how long live connections may finish [env: REDIS_PROXY_SHUTDOWN_GRACE] [default: 30s]
+    #[arg(long, value_name = "DUR")]
+    shutdown_grace: Option<String>,
+    /// text or json; level from RUST_LOG (default info) [env: REDIS_PROXY_LOG_FORMAT]
+    /// [default: text]
+    #[arg(long, value_name = "F")]
+    log_format: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Looking values up and parsing them.
+// ---------------------------------------------------------------------------------------------
+
+/// A flag and the environment variable that stands in for it (the spec's table, row by row).
+#[derive(Clone, Copy)]
+struct Opt {
+    /// `--flag`.
+    flag: &'static str,
+    /// `VARIABLE`.
+    var: &'static str,
+}
+
+/// Declares the [`Opt`] constants.
+macro_rules! options {
+    ($($name:ident = $flag:literal, $var:literal;)*) => {
+        $(
+            #[doc = concat!("`", $flag, "` / `", $var, "`.")]
+            const $name: Opt = Opt { flag: $flag, var: $var };
+        )*
+    };
+}
+
+options! {
+    UPSTREAM = "--upstream", "AZURE_REDIS_HOST";
+    CONNECTION_STRING = "--connection-string", "AZURE_REDIS_CONNECTIONSTRING";
+    TLS = "--tls", "AZURE_REDIS_SSL";
+    TLS_SERVER_NAME = "--tls-server-name", "REDIS_PROXY_TLS_SERVER_NAME";
+    CA_FILE = "--ca-file", "REDIS_PROXY_CA_FILE";
+    DATABASE = "--database", "AZURE_REDIS_DATABASE";
+    CONNECT_TIMEOUT = "--connect-timeout", "REDIS_PROXY_CONNECT_TIMEOUT";
+    AUTH = "--auth", "REDIS_PROXY_AUTH";
+    ACCESS_KEY_FILE = "--access-key-file", "REDIS_PROXY_ACCESS_KEY_FILE";
+    CREDENTIAL = "--credential", "REDIS_PROXY_CREDENTIAL";
+    SCOPE = "--scope", "REDIS_PROXY_SCOPE";
+    TOKEN_REFRESH_AT = "--token-refresh-at", "REDIS_PROXY_TOKEN_REFRESH_AT";
+    REAUTH_MARGIN = "--reauth-margin", "REDIS_PROXY_REAUTH_MARGIN";
+    REDIS_USERNAME = "--redis-username", "AZURE_REDIS_USERNAME";
+    LISTEN = "--listen", "REDIS_PROXY_LISTEN";
+    LISTEN_PASSWORD = "--listen-password", "REDIS_PROXY_LISTEN_PASSWORD";
+    MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS";
+    WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS";
+    ADMIN_LISTEN = "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN";
+    SHUTDOWN_DELAY = "--shutdown-delay", "REDIS_PROXY_SHUTDOWN_DELAY";
+    SHUTDOWN_GRACE = "--shutdown-grace", "REDIS_PROXY_SHUTDOWN_GRACE";
+    LOG_FORMAT = "--log-format", "REDIS_PROXY_LOG_FORMAT";
+    WAIT_MAX = "--max", "REDIS_PROXY_WAIT_MAX";
+}
+
+/// The environment, behind a function so that tests can inject variables.
+struct Lookup<'a> {
+    /// Returns a variable's value, or `None` when it is unset.
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// One option's value and where it came from, so that an error names the flag or the
+/// variable to fix.
+struct Given {
+    /// The raw value, never empty.
+    value: String,
+    /// `--flag` or `VARIABLE`.
+    origin: &'static str,
+}
+
+impl Lookup<'_> {
+    /// The variable's value, when set and not empty.
+    fn var(&self, name: &'static str) -> Option<Given> {
+        (self.env)(name)
+            .filter(|value| !value.is_empty())
+            .map(|value| Given {
+                value,
+                origin: name,
+            })
+    }
+
+    /// The first of `names` that is set: for values with a proxy-specific and a generic variable.
+    fn first_var(&self, names: &[&'static str]) -> Option<Given> {
+        names.iter().find_map(|name| self.var(name))
+    }
+
+    /// The flag's value when given, else the variable's: the flag wins.
+    fn get(&self, flag: &Option<String>, opt: Opt) -> Option<Given> {
+        match flag.as_deref() {
+            Some(value) if !value.is_empty() => Some(Given {
+                value: value.to_string(),
+                origin: opt.flag,
+            }),
+            _ => self.var(opt.var),
+        }
+    }
+
+    /// The option parsed with `parse`, `None` when not given; see [`Given::parse`].
+    fn parse<T>(
+        &self,
+        flag: &Option<String>,
+        opt: Opt,
+        parse: impl FnOnce(&str) -> Option<T>,
+        expected: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        self.get(flag, opt)
+            .map(|given| given.parse(parse, expected))
+            .transpose()
+    }
+
+    /// The option as a duration, `None` when not given.
+    fn duration(&self, flag: &Option<String>, opt: Opt) -> Result<Option<Duration>, ConfigError> {
+        self.parse(flag, opt, parse_duration, DURATION_FORMAT)
+    }
+}
+
+impl Given {
+    /// Parses the (trimmed) value, or says which option holds what and what was expected.
+    /// Only for options that are not secrets: the error quotes the value.
+    fn parse<T>(
+        &self,
+        parse: impl FnOnce(&str) -> Option<T>,
+        expected: &str,
+    ) -> Result<T, ConfigError> {
+        parse(self.value.trim()).ok_or_else(|| {
+            ConfigError(format!(
+                "invalid {} '{}': expected {expected}",
+                self.origin, self.value
+            ))
+        })
+    }
+
+    /// Like [`Given::parse`], for parsers that can say why the value is wrong.
+    fn parse_or_explain<T>(
+        &self,
+        parse: impl FnOnce(&str) -> Result<T, &'static str>,
+        expected: &str,
+    ) -> Result<T, ConfigError> {
+        parse(self.value.trim()).map_err(|why| {
+            ConfigError(format!(
+                "invalid {} '{}': {why}; expected {expected}",
+                self.origin, self.value
+            ))
+        })
+    }
+
+    /// The value as a path.
+    fn path(&self) -> PathBuf {
+        PathBuf::from(&self.value)
+    }
+}
+
+/// `true`/`false`, `1`/`0`, `yes`/`no`, in any case (Service Connector writes `True`).
+fn parse_bool(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// `3m`, `30s`, `500ms`, `0s`, `1h 30m`.
+fn parse_duration(value: &str) -> Option<Duration> {
+    humantime::parse_duration(value).ok()
+}
+
+/// A duration that is not zero (a zero timeout would fail every attempt).
+fn parse_positive_duration(value: &str) -> Option<Duration> {
+    parse_duration(value).filter(|duration| !duration.is_zero())
+}
+
+/// A fraction strictly between 0 and 1.
+fn parse_fraction(value: &str) -> Option<f64> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|fraction| *fraction > 0.0 && *fraction < 1.0)
+}
+
+/// A non-negative integer.
+fn parse_number<T: std::str::FromStr>(value: &str) -> Option<T> {
+    value.parse().ok()
+}
+
+/// A port that can be dialled: 1-65535.
+fn parse_port(value: &str) -> Option<u16> {
+    value.parse().ok().filter(|port| *port != 0)
+}
+
+/// `text` or `json`.
+fn parse_log_format(value: &str) -> Option<LogFormat> {
+    match value.to_ascii_lowercase().as_str() {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        _ => None,
+    }
+}
+
+/// `host`, `host:port`, `[ipv6]`, `[ipv6]:port` or a bare IPv6 address. The reasons it gives
+/// never quote the input, because connection strings use it too.
+fn parse_host_port(value: &str) -> Result<(String, Option<u16>), &'static str> {
+    if value.contains("://") {
+        return Err("that is a URL (give rediss:// URLs with --connection-string)");
+    }
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or("'[' without ']'")?;
+        host.parse::<Ipv6Addr>()
+            .map_err(|_| "not an IPv6 address between [ ]")?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':').ok_or("junk after ']'")?)),
+        }
+    } else if value.matches(':').count() > 1 {
+        value
+            .parse::<Ipv6Addr>()
+            .map_err(|_| "not an IPv6 address (write [address]:port)")?;
+        (value, None)
+    } else {
+        match value.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (value, None),
+        }
+    };
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "/@,[]".contains(c)) {
+        return Err("not a host name or IP address");
+    }
+    let port = port
+        .map(|port| {
+            port.parse::<u16>()
+                .map_err(|_| "the port is not a number 0-65535")
+        })
+        .transpose()?;
+    Ok((host.to_string(), port))
+}
+
+/// `host:port`, with an IPv6 literal in brackets.
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// From options to a Config.
+// ---------------------------------------------------------------------------------------------
+
+/// Resolves the proxy's options against the environment and validates them.
+fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
+    let ProxyArgs {
+        upstream: up,
+        auth: au,
+        clients,
+        ops,
+    } = args;
+    let mut warnings = Vec::new();
+    let cs = match lookup.get(&up.connection_string, CONNECTION_STRING) {
+        Some(given) => connection_string(&given, &mut warnings)?,
+        None => ConnectionString::default(),
+    };
+    let (upstream_host, upstream_port) = upstream(&up.upstream, lookup, &cs)?;
+    let tls = lookup
+        .parse(&up.tls, TLS, parse_bool, "true or false")?
+        .or(cs.tls)
+        .unwrap_or(true);
+    let redis_username = lookup
+        .get(&au.redis_username, REDIS_USERNAME)
+        .map(|given| given.value)
+        .or_else(|| cs.user.clone());
+    let listen = listen(&clients.listen, lookup)?;
+    let listen_password = lookup
+        .get(&clients.listen_password, LISTEN_PASSWORD)
+        .map(|given| Secret::new(given.value));
+    if listen_password.is_none() && !is_loopback(&listen) {
+        warnings.push(format!(
+            "listening on {listen} without --listen-password: anyone who can reach it uses the \
+             proxy's credentials (listen on 127.0.0.1 or set --listen-password)"
+        ));
+    }
+    let count = "a number of connections such as 0 or 4";
+    Ok(Config {
+        tls_server_name: tls_server_name(&up.tls_server_name, lookup, &cs, &upstream_host)?,
+        upstream_host,
+        upstream_port,
+        tls,
+        ca_file: ca_file(&up.ca_file, lookup)?,
+        database: lookup
+            .parse(
+                &up.database,
+                DATABASE,
+                parse_number,
+                "a database number such as 0",
+            )?
+            .or(cs.database)
+            .unwrap_or(0),
+        auth: auth(&au, lookup, cs.password, redis_username.clone())?,
+        scope: lookup
+            .get(&au.scope, SCOPE)
+            .map_or_else(|| DEFAULT_SCOPE.to_string(), |given| given.value),
+        token_refresh_at: lookup
+            .parse(
+                &au.token_refresh_at,
+                TOKEN_REFRESH_AT,
+                parse_fraction,
+                "a fraction between 0 and 1 (exclusive), such as 0.75",
+            )?
+            .unwrap_or(DEFAULT_TOKEN_REFRESH_AT),
+        reauth_margin: lookup
+            .duration(&au.reauth_margin, REAUTH_MARGIN)?
+            .unwrap_or(DEFAULT_REAUTH_MARGIN),
+        redis_username,
+        listen,
+        listen_password,
+        max_connections: lookup
+            .parse(
+                &clients.max_connections,
+                MAX_CONNECTIONS,
+                parse_number,
+                count,
+            )?
+            .unwrap_or(0),
+        warm_connections: lookup
+            .parse(
+                &clients.warm_connections,
+                WARM_CONNECTIONS,
+                parse_number,
+                count,
+            )?
+            .unwrap_or(0),
+        admin_listen: admin_listen(&ops.admin_listen, lookup)?,
+        shutdown_delay: lookup
+            .duration(&ops.shutdown_delay, SHUTDOWN_DELAY)?
+            .unwrap_or(Duration::ZERO),
+        shutdown_grace: lookup
+            .duration(&ops.shutdown_grace, SHUTDOWN_GRACE)?
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        log_format: lookup
+            .parse(
+                &ops.log_format,
+                LOG_FORMAT,
+                parse_log_format,
+                "text or json",
+            )?
+            .unwrap_or(LogFormat::Text),
+        connect_timeout: lookup
+            .parse(
+                &up.connect_timeout,
+                CONNECT_TIMEOUT,
+                parse_positive_duration,
+                "a duration above zero such as 10s",
+            )?
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        warnings,
+    })
+}
+
+/// Host and port of the cache. `--upstream`/`AZURE_REDIS_HOST` replaces the connection
+/// string's endpoint as a whole; the port is then the one it names, else `AZURE_REDIS_PORT`,
+/// else 6380. With the connection string's host, `AZURE_REDIS_PORT` still beats its port.
+fn upstream(
+    flag: &Option<String>,
+    lookup: &Lookup,
+    cs: &ConnectionString,
+) -> Result<(String, u16), ConfigError> {
+    let (host, own_port, fallback_port) = match lookup.get(flag, UPSTREAM) {
+        Some(given) => {
+            let (host, port) = given.parse_or_explain(
+                parse_upstream,
+                "HOST[:PORT], e.g. mycache.redis.cache.windows.net:6380",
+            )?;
+            (host, port, None)
+        }
+        None => match &cs.host {
+            Some(host) => (host.clone(), None, cs.port),
+            None => {
+                return Err(ConfigError(
+                    "no upstream: set --upstream HOST[:PORT] or AZURE_REDIS_HOST, or a \
+                         connection string (--connection-string or AZURE_REDIS_CONNECTIONSTRING)"
+                        .to_string(),
+                ));
+            }
+        },
+    };
+    let env_port = lookup
+        .var("AZURE_REDIS_PORT")
+        .map(|given| given.parse(parse_port, "a port number 1-65535, e.g. 6380"))
+        .transpose()?;
+    let port = own_port
+        .or(env_port)
+        .or(fallback_port)
+        .unwrap_or(DEFAULT_PORT);
+    Ok((host, port))
+}
+
+/// An upstream `HOST[:PORT]`: port 0 can't be dialled.
+fn parse_upstream(value: &str) -> Result<(String, Option<u16>), &'static str> {
+    match parse_host_port(value)? {
+        (_, Some(0)) => Err("port 0 can't be dialled"),
+        endpoint => Ok(endpoint),
+    }
+}
+
+/// SNI and certificate name: the option, else the connection string's `sslHost`, else the host.
+fn tls_server_name(
+    flag: &Option<String>,
+    lookup: &Lookup,
+    cs: &ConnectionString,
+    upstream_host: &str,
+) -> Result<String, ConfigError> {
+    match lookup.get(flag, TLS_SERVER_NAME) {
+        Some(given) => given.parse(
+            |name| {
+                rustls_pki_types::ServerName::try_from(name)
+                    .ok()
+                    .map(|_| name.to_string())
+            },
+            "a DNS name or IP address, e.g. mycache.redis.cache.windows.net",
+        ),
+        None => Ok(cs
+            .tls_server_name
+            .clone()
+            .unwrap_or_else(|| upstream_host.to_string())),
+    }
+}
+
+/// The extra CA file, read once now so that a wrong path fails at startup, not at first use.
+fn ca_file(flag: &Option<String>, lookup: &Lookup) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(given) = lookup.get(flag, CA_FILE) else {
+        return Ok(None);
+    };
+    let path = given.path();
+    std::fs::read(&path).map_err(|err| {
+        ConfigError(format!(
+            "cannot read {} {}: {err}; give a readable PEM file of CA certificates",
+            given.origin,
+            path.display()
+        ))
+    })?;
+    Ok(Some(path))
+}
+
+/// `--listen`: `host:port` or `unix:/path`.
+fn listen(flag: &Option<String>, lookup: &Lookup) -> Result<ListenAddr, ConfigError> {
+    let Some(given) = lookup.get(flag, LISTEN) else {
+        return Ok(ListenAddr::Tcp(DEFAULT_LISTEN.to_string()));
+    };
+    let expected = "host:port or unix:/path, e.g. 127.0.0.1:6379";
+    match given.value.trim().strip_prefix("unix:") {
+        Some(path) => given.parse(
+            |_| (!path.is_empty()).then(|| ListenAddr::Unix(PathBuf::from(path))),
+            expected,
+        ),
+        None => given
+            .parse_or_explain(parse_bind_address, expected)
+            .map(ListenAddr::Tcp),
+    }
+}
+
+/// `--admin-listen` of the proxy: `host:port`, or `off`.
+fn admin_listen(flag: &Option<String>, lookup: &Lookup) -> Result<Option<String>, ConfigError> {
+    let Some(given) = lookup.get(flag, ADMIN_LISTEN) else {
+        return Ok(Some(DEFAULT_ADMIN_LISTEN.to_string()));
+    };
+    if given.value.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    given
+        .parse_or_explain(parse_bind_address, "host:port or off, e.g. 127.0.0.1:9090")
+        .map(Some)
+}
+
+/// The admin endpoint that `wait` and `shutdown` talk to; they need one, so `off` is an error.
+fn admin_endpoint(args: &AdminArgs, lookup: &Lookup) -> Result<String, ConfigError> {
+    let admin = admin_listen(&args.admin_listen, lookup)?;
+    admin.ok_or_else(|| {
+        ConfigError(
+            "the admin endpoint is off, but this subcommand talks to it: set --admin-listen \
+             (or REDIS_PROXY_ADMIN_LISTEN) to the proxy's admin address, e.g. 127.0.0.1:9090"
+                .to_string(),
+        )
+    })
+}
+
+/// A `host:port` to bind (port 0 picks a free port), normalised with IPv6 in brackets.
+fn parse_bind_address(value: &str) -> Result<String, &'static str> {
+    match parse_host_port(value)? {
+        (host, Some(port)) => Ok(join_host_port(&host, port)),
+        (_, None) => Err("no port"),
+    }
+}
+
+/// True when only this machine can reach the listener (a unix socket, localhost, 127.0.0.0/8,
+/// `::1`): the proxy's credentials are then not open to the network.
+fn is_loopback(listen: &ListenAddr) -> bool {
+    let ListenAddr::Tcp(addr) = listen else {
+        return true;
+    };
+    match parse_host_port(addr) {
+        Ok((host, _)) => {
+            host.eq_ignore_ascii_case("localhost")
+                || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection strings.
+// ---------------------------------------------------------------------------------------------
+
+/// What a connection string said. Every field is optional: flags and variables override it.
+#[derive(Debug, Default)]
+struct ConnectionString {
+    /// The endpoint's host.
+    host: Option<String>,
+    /// The endpoint's port.
+    port: Option<u16>,
+    /// `user` / the URL's user.
+    user: Option<String>,
+    /// `password` / the URL's password: an access key.
+    password: Option<Secret>,
+    /// `ssl` / `rediss://` (true) or `redis://` (false).
+    tls: Option<bool>,
+    /// `defaultDatabase` / the URL's path.
+    database: Option<u32>,
+    /// `sslHost`.
+    tls_server_name: Option<String>,
+}
+
+/// StackExchange.Redis options that only make sense inside the application's own client; the
+/// proxy ignores them without a warning.
+const CLIENT_SIDE_KEYS: &[&str] = &[
+    "abortconnect",
+    "allowadmin",
+    "asynctimeout",
+    "channelprefix",
+    "checkcertificaterevocation",
+    "configcheckseconds",
+    "configchannel",
+    "connectretry",
+    "connecttimeout",
+    "heartbeatinterval",
+    "highprioritysocketthreads",
+    "keepalive",
+    "name",
+    "protocol",
+    "proxy",
+    "resolvedns",
+    "responsetimeout",
+    "servicename",
+    "setlib",
+    "sslprotocols",
+    "synctimeout",
+    "tiebreaker",
+    "version",
+];
+
+/// Parses either connection-string form. An error never quotes the string: a malformed one
+/// may split its password anywhere.
+fn connection_string(
+    given: &Given,
+    warnings: &mut Vec<String>,
+) -> Result<ConnectionString, ConfigError> {
+    let value = given.value.trim();
+    let lower = value.to_ascii_lowercase();
+    let parsed = if lower.starts_with("redis://") || lower.starts_with("rediss://") {
+        parse_url_form(value, warnings)
+    } else if lower.contains("://") {
+        Err("the scheme is not redis:// or rediss://".to_string())
+    } else {
+        parse_stackexchange_form(value, warnings)
+    };
+    parsed.map_err(|problem| {
+        ConfigError(format!(
+            "malformed connection string in {}: {problem}; {CONNECTION_STRING_FORMS}",
+            given.origin
+        ))
+    })
+}
+
+/// `rediss://[user][:password]@host:port[/db]` (`redis://`: TLS off). User and password are
+/// percent-decoded.
+fn parse_url_form(value: &str, warnings: &mut Vec<String>) -> Result<ConnectionString, String> {
+    let url = url::Url::parse(value).map_err(|err| {
+        format!("{err} (percent-encode characters such as @ : / # in the user or password)")
+    })?;
+    let host = match url.host() {
+        Some(url::Host::Ipv6(address)) => address.to_string(),
+        Some(host) => host.to_string(),
+        None => String::new(),
+    };
+    if host.is_empty() {
+        return Err("no host".to_string());
+    }
+    if url.port() == Some(0) {
+        return Err("port 0 can't be dialled".to_string());
+    }
+    let database = match url.path().strip_prefix('/').unwrap_or(url.path()) {
+        "" => None,
+        db => Some(
+            db.parse()
+                .map_err(|_| "the path after the host must be a database number, e.g. /0")?,
+        ),
+    };
+    for (key, _) in url.query_pairs() {
+        warnings.push(ignored_key_warning(&key));
+    }
+    Ok(ConnectionString {
+        host: Some(host),
+        port: url.port(),
+        user: percent_decode(url.username(), "user")?,
+        password: percent_decode(url.password().unwrap_or(""), "password")?.map(Secret::new),
+        tls: Some(url.scheme() == "rediss"),
+        database,
+        tls_server_name: None,
+    })
+}
+
+/// Percent-decodes a URL's user or password; `None` when empty.
+fn percent_decode(value: &str, what: &str) -> Result<Option<String>, String> {
+    let decoded = percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .map_err(|_| format!("the {what} is not UTF-8 once percent-decoded"))?;
+    Ok((!decoded.is_empty()).then(|| decoded.into_owned()))
+}
+
+/// StackExchange.Redis: `host:port,password=…,ssl=True,defaultDatabase=0,user=…`; keys in any
+/// case, unknown keys ignored with a warning.
+fn parse_stackexchange_form(
+    value: &str,
+    warnings: &mut Vec<String>,
+) -> Result<ConnectionString, String> {
+    let mut cs = ConnectionString::default();
+    for part in value
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        match part.split_once('=') {
+            None => set_endpoint(&mut cs, part)?,
+            Some((key, value)) => set_key(&mut cs, key.trim(), value.trim(), warnings)?,
+        }
+    }
+    if cs.host.is_none() {
+        return Err("no host:port before the first comma".to_string());
+    }
+    Ok(cs)
+}
+
+/// The `host:port` part of the StackExchange.Redis form; only one is allowed.
+fn set_endpoint(cs: &mut ConnectionString, part: &str) -> Result<(), String> {
+    if cs.host.is_some() {
+        return Err(
+            "more than one host:port (the proxy connects to one cache; a password \
+                    can't contain ',' in this form)"
+                .to_string(),
+        );
+    }
+    let (host, port) = parse_upstream(part).map_err(|why| format!("bad host:port ({why})"))?;
+    cs.host = Some(host);
+    cs.port = port;
+    Ok(())
+}
+
+/// One `key=value` of the StackExchange.Redis form.
+fn set_key(
+    cs: &mut ConnectionString,
+    key: &str,
+    value: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), String> {
+    let non_empty = || (!value.is_empty()).then(|| value.to_string());
+    match key.to_ascii_lowercase().as_str() {
+        "password" => cs.password = non_empty().map(Secret::new),
+        "user" | "username" => cs.user = non_empty(),
+        "ssl" => cs.tls = Some(parse_bool(value).ok_or("ssl must be true or false")?),
+        "defaultdatabase" => {
+            cs.database = Some(
+                value
+                    .parse()
+                    .map_err(|_| "defaultDatabase must be a number such as 0")?,
+            )
+        }
+        "sslhost" => cs.tls_server_name = non_empty(),
+        known if CLIENT_SIDE_KEYS.contains(&known) => {}
+        _ => warnings.push(ignored_key_warning(key)),
+    }
+    Ok(())
+}
+
+/// The warning for an unknown connection-string key. It names the key only when the key looks
+/// like one (a fragment of a password that contains ',' would not be printed), never a value.
+fn ignored_key_warning(key: &str) -> String {
+    let looks_like_a_key = !key.is_empty()
+        && key.len() <= 40
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    if looks_like_a_key {
+        format!("ignoring unknown connection-string key '{key}'")
+    } else {
+        "ignoring an unknown connection-string key".to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication and credentials.
+// ---------------------------------------------------------------------------------------------
+
+/// `--auth`, before `auto` is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthMode {
+    /// An access key when one is given, else Entra.
+    Auto,
+    /// Entra tokens.
+    Entra,
+    /// An access key.
+    AccessKey,
+    /// No `AUTH`.
+    None,
+}
+
+/// `--credential`, before `auto` is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CredentialKind {
+    /// Picked from the environment by [`auto_credential_kind`].
+    Auto,
+    /// See [`CredentialConfig::WorkloadIdentity`].
+    WorkloadIdentity,
+    /// See [`CredentialConfig::ManagedIdentity`].
+    ManagedIdentity,
+    /// See [`CredentialConfig::ClientSecret`].
+    ClientSecret,
+    /// See [`CredentialConfig::AzureCli`].
+    AzureCli,
+}
+
+/// `auto`, `entra`, `access-key` or `none`, in any case.
+fn parse_auth_mode(value: &str) -> Option<AuthMode> {
+    match value.to_ascii_lowercase().as_str() {
+        "auto" => Some(AuthMode::Auto),
+        "entra" => Some(AuthMode::Entra),
+        "access-key" => Some(AuthMode::AccessKey),
+        "none" => Some(AuthMode::None),
+        _ => None,
+    }
+}
+
+/// `auto`, `workload-identity`, `managed-identity`, `client-secret` or `azure-cli`, in any case.
+fn parse_credential_kind(value: &str) -> Option<CredentialKind> {
+    match value.to_ascii_lowercase().as_str() {
+        "auto" => Some(CredentialKind::Auto),
+        "workload-identity" => Some(CredentialKind::WorkloadIdentity),
+        "managed-identity" => Some(CredentialKind::ManagedIdentity),
+        "client-secret" => Some(CredentialKind::ClientSecret),
+        "azure-cli" => Some(CredentialKind::AzureCli),
+        _ => None,
+    }
+}
+
+/// Resolves `--auth`: `auto` takes an access key when one is given, else Entra. Both modes are
+/// parsed up front so that a typo is reported even when it would not matter.
+fn auth(
+    args: &AuthArgs,
+    lookup: &Lookup,
+    cs_password: Option<Secret>,
+    username: Option<String>,
+) -> Result<AuthConfig, ConfigError> {
+    let modes = "auto, entra, access-key or none";
+    let mode = lookup.parse(&args.auth, AUTH, parse_auth_mode, modes)?;
+    let kinds = "auto, workload-identity, managed-identity, client-secret or azure-cli";
+    let kind = lookup.parse(&args.credential, CREDENTIAL, parse_credential_kind, kinds)?;
+    let kind = kind.unwrap_or(CredentialKind::Auto);
+    let key_file = lookup.get(&args.access_key_file, ACCESS_KEY_FILE);
+    let access_key = |source| AuthConfig::AccessKey { source, username };
+    match mode.unwrap_or(AuthMode::Auto) {
+        AuthMode::None => Ok(AuthConfig::None),
+        AuthMode::Entra => credential(kind, lookup).map(AuthConfig::Entra),
+        AuthMode::AccessKey => match key_source(key_file, lookup, cs_password)? {
+            Some(source) => Ok(access_key(source)),
+            None => Err(ConfigError(
+                "--auth access-key but no access key: set AZURE_REDIS_PASSWORD, \
+                 --access-key-file PATH, or a password in the connection string"
+                    .to_string(),
+            )),
+        },
+        AuthMode::Auto => match key_source(key_file, lookup, cs_password)? {
+            Some(source) => Ok(access_key(source)),
+            None => credential(kind, lookup).map(AuthConfig::Entra),
+        },
+    }
+}
+
+/// The access key, if one is given: the key file (checked now), else `AZURE_REDIS_PASSWORD`,
+/// else the connection string's password.
+fn key_source(
+    key_file: Option<Given>,
+    lookup: &Lookup,
+    cs_password: Option<Secret>,
+) -> Result<Option<KeySource>, ConfigError> {
+    if let Some(given) = key_file {
+        check_key_file(&given.path(), given.origin)?;
+        return Ok(Some(KeySource::File(given.path())));
+    }
+    if let Some(given) = lookup.var("AZURE_REDIS_PASSWORD") {
+        return Ok(Some(KeySource::Inline(Secret::new(given.value))));
+    }
+    Ok(cs_password.map(KeySource::Inline))
+}
+
+/// Reads the key file once, so that a wrong path or an empty file fails at startup (exit 2)
+/// rather than on the first client. The credential module reads it again (and on changes).
+fn check_key_file(path: &Path, origin: &str) -> Result<(), ConfigError> {
+    let fix = "mount the Secret there or fix the path";
+    match std::fs::read_to_string(path) {
+        Ok(key) if key.trim().is_empty() => Err(ConfigError(format!(
+            "the access key file {} ({origin}) is empty; {fix}",
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(err) => Err(ConfigError(format!(
+            "cannot read the access key file {} ({origin}): {err}; {fix}",
+            path.display()
+        ))),
+    }
+}
+
+/// What `--credential auto` picks, in the spec's order: workload identity when its token file
+/// is there, else a service principal when a client secret is, else managed identity.
+fn auto_credential_kind(lookup: &Lookup) -> CredentialKind {
+    if lookup.var("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+        CredentialKind::WorkloadIdentity
+    } else if lookup.var("AZURE_REDIS_CLIENTSECRET").is_some() {
+        CredentialKind::ClientSecret
+    } else {
+        CredentialKind::ManagedIdentity
+    }
+}
+
+/// The Entra credential of `kind`, with what it needs from the environment.
+fn credential(kind: CredentialKind, lookup: &Lookup) -> Result<CredentialConfig, ConfigError> {
+    match kind {
+        CredentialKind::Auto => credential(auto_credential_kind(lookup), lookup),
+        CredentialKind::WorkloadIdentity => workload_identity(lookup),
+        CredentialKind::ClientSecret => client_secret(lookup),
+        CredentialKind::ManagedIdentity => Ok(CredentialConfig::ManagedIdentity {
+            client_id: client_id(lookup),
+        }),
+        CredentialKind::AzureCli => Ok(CredentialConfig::AzureCli {
+            tenant_id: tenant_id(lookup),
+        }),
+    }
+}
+
+/// The client id: `AZURE_REDIS_CLIENTID` (Service Connector), else `AZURE_CLIENT_ID`.
+fn client_id(lookup: &Lookup) -> Option<String> {
+    lookup
+        .first_var(&["AZURE_REDIS_CLIENTID", "AZURE_CLIENT_ID"])
+        .map(|given| given.value)
+}
+
+/// The tenant id: `AZURE_REDIS_TENANTID` (Service Connector), else `AZURE_TENANT_ID`.
+fn tenant_id(lookup: &Lookup) -> Option<String> {
+    lookup
+        .first_var(&["AZURE_REDIS_TENANTID", "AZURE_TENANT_ID"])
+        .map(|given| given.value)
+}
+
+/// The Entra authority for sovereign clouds (`AZURE_AUTHORITY_HOST`).
+fn authority_host(lookup: &Lookup) -> Option<String> {
+    lookup.var("AZURE_AUTHORITY_HOST").map(|given| given.value)
+}
+
+/// AKS workload identity needs what its webhook injects; each missing piece is named.
+fn workload_identity(lookup: &Lookup) -> Result<CredentialConfig, ConfigError> {
+    let webhook = "on AKS, label the pod azure.workload.identity/use: \"true\" and give it a \
+                   service account annotated with azure.workload.identity/client-id";
+    let token_file = lookup.var("AZURE_FEDERATED_TOKEN_FILE").ok_or_else(|| {
+        ConfigError(format!(
+            "workload identity needs AZURE_FEDERATED_TOKEN_FILE: {webhook}"
+        ))
+    })?;
+    let client_id = client_id(lookup).ok_or_else(|| {
+        ConfigError(format!(
+            "workload identity needs a client id: set AZURE_CLIENT_ID or AZURE_REDIS_CLIENTID \
+             ({webhook})"
+        ))
+    })?;
+    let tenant_id = tenant_id(lookup).ok_or_else(|| {
+        ConfigError(format!(
+            "workload identity needs a tenant id: set AZURE_TENANT_ID or AZURE_REDIS_TENANTID \
+             ({webhook})"
+        ))
+    })?;
+    Ok(CredentialConfig::WorkloadIdentity {
+        client_id,
+        tenant_id,
+        token_file: token_file.path(),
+        authority_host: authority_host(lookup),
+    })
+}
+
+/// A service principal needs its tenant, its client id and its secret.
+fn client_secret(lookup: &Lookup) -> Result<CredentialConfig, ConfigError> {
+    let missing = |what: &str, vars: &str| {
+        ConfigError(format!(
+            "a service principal (--credential client-secret) needs {what}: set {vars}"
+        ))
+    };
+    let secret = lookup
+        .var("AZURE_REDIS_CLIENTSECRET")
+        .ok_or_else(|| missing("a client secret", "AZURE_REDIS_CLIENTSECRET"))?;
+    Ok(CredentialConfig::ClientSecret {
+        tenant_id: tenant_id(lookup)
+            .ok_or_else(|| missing("a tenant id", "AZURE_REDIS_TENANTID or AZURE_TENANT_ID"))?,
+        client_id: client_id(lookup)
+            .ok_or_else(|| missing("a client id", "AZURE_REDIS_CLIENTID or AZURE_CLIENT_ID"))?,
+        secret: Secret::new(secret.value),
+        authority_host: authority_host(lookup),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::Write;
+
+    /// Parses `args` (without the program name) with exactly `vars` as the environment.
+    fn parse(args: &[&str], vars: &[(&str, &str)]) -> Result<Command, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        let argv = std::iter::once("redis-entra-proxy")
+            .chain(args.iter().copied())
+            .map(String::from);
+        parse_from(argv, &|name| vars.get(name).cloned())
+    }
+
+    /// The proxy's configuration, which must parse.
+    fn config(args: &[&str], vars: &[(&str, &str)]) -> Config {
+        match parse(args, vars) {
+            Ok(Command::Run(config)) => config,
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    /// The error line, which must be one line.
+    fn error(args: &[&str], vars: &[(&str, &str)]) -> String {
+        match parse(args, vars) {
+            Err(err) => {
+                let line = err.to_string();
+                assert!(line.starts_with("configuration error: "), "{line}");
+                assert!(!line.contains('\n'), "more than one line: {line}");
+                line
+            }
+            Ok(command) => panic!("expected an error, got {command:?}"),
+        }
+    }
+
+    /// A temporary file holding `content`.
+    fn file_with(content: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(content.as_bytes()).unwrap();
+        file
+    }
+
+    const HOST: &[(&str, &str)] = &[("AZURE_REDIS_HOST", "cache.example")];
+
+    // --- defaults and the upstream ---------------------------------------------------------
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = config(&["--upstream", "cache.example"], &[]);
+        assert_eq!(c.upstream_host, "cache.example");
+        assert_eq!(c.upstream_port, 6380);
+        assert!(c.tls);
+        assert_eq!(c.tls_server_name, "cache.example");
+        assert_eq!(c.ca_file, None);
+        assert_eq!(c.database, 0);
+        assert!(matches!(
+            c.auth,
+            AuthConfig::Entra(CredentialConfig::ManagedIdentity { client_id: None })
+        ));
+        assert_eq!(c.scope, "https://redis.azure.com/.default");
+        assert_eq!(c.token_refresh_at, 0.75);
+        assert_eq!(c.reauth_margin, Duration::from_secs(180));
+        assert_eq!(c.redis_username, None);
+        assert_eq!(c.listen, ListenAddr::Tcp("127.0.0.1:6379".into()));
+        assert!(c.listen_password.is_none());
+        assert_eq!((c.max_connections, c.warm_connections), (0, 0));
+        assert_eq!(c.admin_listen.as_deref(), Some("127.0.0.1:9090"));
+        assert_eq!(c.shutdown_delay, Duration::ZERO);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn upstream_takes_host_and_port_from_flag_or_variables() {
+        let c = config(&["--upstream", "cache.example:10000"], &[]);
+        assert_eq!(
+            (c.upstream_host.as_str(), c.upstream_port),
+            ("cache.example", 10000)
+        );
+        let vars = [
+            ("AZURE_REDIS_HOST", "env.example"),
+            ("AZURE_REDIS_PORT", "10000"),
+        ];
+        let c = config(&[], &vars);
+        assert_eq!(c.upstream_address(), "env.example:10000");
+        // The flag wins for the host; a port it names wins over AZURE_REDIS_PORT.
+        let c = config(&["--upstream", "flag.example:6390"], &vars);
+        assert_eq!(c.upstream_address(), "flag.example:6390");
+        let c = config(&["--upstream", "flag.example"], &vars);
+        assert_eq!(c.upstream_address(), "flag.example:10000");
+    }
+
+    #[test]
+    fn upstream_accepts_ipv6_literals() {
+        let c = config(&["--upstream", "[::1]:6380", "--tls", "false"], &[]);
+        assert_eq!(c.upstream_host, "::1");
+        assert_eq!(c.upstream_port, 6380);
+        assert_eq!(c.upstream_address(), "[::1]:6380");
+        assert_eq!(
+            config(&["--upstream", "::1"], &[]).upstream_address(),
+            "[::1]:6380"
+        );
+    }
+
+    #[test]
+    fn upstream_errors_say_what_to_give() {
+        let line = error(&[], &[]);
+        assert!(line.contains("no upstream"), "{line}");
+        assert!(line.contains("--upstream HOST[:PORT]"), "{line}");
+        assert!(line.contains("AZURE_REDIS_HOST"), "{line}");
+        let line = error(&["--upstream", "cache.example:http"], &[]);
+        assert!(line.contains("invalid --upstream"), "{line}");
+        let line = error(&["--upstream", "rediss://cache.example"], &[]);
+        assert!(line.contains("--connection-string"), "{line}");
+        let line = error(&["--upstream", "cache.example:0"], &[]);
+        assert!(line.contains("port 0"), "{line}");
+        let line = error(&[], &[("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_PORT", "x")]);
+        assert!(line.contains("invalid AZURE_REDIS_PORT 'x'"), "{line}");
+    }
+
+    // --- connection strings -----------------------------------------------------------------
+
+    #[test]
+    fn url_form_with_password_database_and_percent_encoding() {
+        let cs = "rediss://:p%40ss%3Aw%2Fd@cache.example:6380/2";
+        let c = config(&["--connection-string", cs], &[]);
+        assert_eq!(c.upstream_address(), "cache.example:6380");
+        assert!(c.tls);
+        assert_eq!(c.database, 2);
+        assert_eq!(c.redis_username, None);
+        match &c.auth {
+            AuthConfig::AccessKey {
+                source: KeySource::Inline(key),
+                username: None,
+            } => assert_eq!(key.expose(), "p@ss:w/d"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn url_form_with_user_and_without_port_or_database() {
+        let c = config(
+            &["--connection-string", "rediss://ali%20ce:key@cache.example"],
+            &[],
+        );
+        assert_eq!(c.upstream_address(), "cache.example:6380");
+        assert_eq!(c.database, 0);
+        assert_eq!(c.redis_username.as_deref(), Some("ali ce"));
+        assert!(
+            matches!(&c.auth, AuthConfig::AccessKey { username: Some(u), .. } if u == "ali ce")
+        );
+        // A user without a password is an Entra user (no key given).
+        let c = config(
+            &["--connection-string", "rediss://oid-123@cache.example/"],
+            &[],
+        );
+        assert_eq!(c.redis_username.as_deref(), Some("oid-123"));
+        assert!(matches!(c.auth, AuthConfig::Entra(_)));
+    }
+
+    #[test]
+    fn url_form_redis_scheme_means_plaintext_unless_tls_is_given() {
+        let c = config(&["--connection-string", "redis://localhost:6379"], &[]);
+        assert!(!c.tls);
+        let c = config(
+            &[
+                "--connection-string",
+                "redis://localhost:6379",
+                "--tls",
+                "yes",
+            ],
+            &[],
+        );
+        assert!(c.tls);
+        let c = config(&["--connection-string", "REDISS://[::1]:7000"], &[]);
+        assert!(c.tls);
+        assert_eq!(c.upstream_address(), "[::1]:7000");
+    }
+
+    #[test]
+    fn url_form_query_keys_are_warned_about_without_values() {
+        let cs = "rediss://cache.example:6380?timeout=topsecretvalue";
+        let c = config(&["--connection-string", cs], &[]);
+        assert!(
+            c.warnings.iter().any(|w| w.contains("'timeout'")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(!c.warnings.iter().any(|w| w.contains("topsecretvalue")));
+    }
+
+    #[test]
+    fn stackexchange_form() {
+        let cs = "cache.example:6380,password=abc+/def=,ssl=True,abortConnect=False";
+        let c = config(&[], &[("AZURE_REDIS_CONNECTIONSTRING", cs)]);
+        assert_eq!(c.upstream_address(), "cache.example:6380");
+        assert!(c.tls);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        match &c.auth {
+            AuthConfig::AccessKey {
+                source: KeySource::Inline(key),
+                username: None,
+            } => assert_eq!(key.expose(), "abc+/def="),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn stackexchange_form_keys_are_case_insensitive() {
+        let cs = "cache.example , PASSWORD=k , SSL=false, DefaultDatabase=3, User=bob, \
+                  SSLHOST=sni.example";
+        let c = config(&["--connection-string", cs], &[]);
+        assert_eq!(c.upstream_address(), "cache.example:6380");
+        assert!(!c.tls);
+        assert_eq!(c.database, 3);
+        assert_eq!(c.redis_username.as_deref(), Some("bob"));
+        assert_eq!(c.tls_server_name, "sni.example");
+    }
+
+    #[test]
+    fn stackexchange_form_defaults_to_tls_and_warns_about_unknown_keys() {
+        let cs = "cache.example:6380,password=k,frobnicate=hushhush,a b=c";
+        let c = config(&["--connection-string", cs], &[]);
+        assert!(c.tls);
+        let warnings = c.warnings.join("\n");
+        assert!(warnings.contains("'frobnicate'"), "{warnings}");
+        assert!(
+            warnings.contains("an unknown connection-string key"),
+            "{warnings}"
+        );
+        assert!(!warnings.contains("hushhush"), "{warnings}");
+        assert!(!warnings.contains("a b"), "{warnings}");
+    }
+
+    #[test]
+    fn flags_and_variables_override_the_connection_string() {
+        let cs = "rediss://:key@cs.example:6390/4";
+        let c = config(
+            &[
+                "--connection-string",
+                cs,
+                "--upstream",
+                "flag.example",
+                "--tls",
+                "false",
+            ],
+            &[("AZURE_REDIS_DATABASE", "7")],
+        );
+        // --upstream replaces the whole endpoint: the connection string's port goes with it.
+        assert_eq!(c.upstream_address(), "flag.example:6380");
+        assert!(!c.tls);
+        assert_eq!(c.database, 7);
+        let c = config(
+            &["--connection-string", cs, "--database", "1"],
+            &[("AZURE_REDIS_PORT", "10000"), ("AZURE_REDIS_DATABASE", "7")],
+        );
+        assert_eq!(c.upstream_address(), "cs.example:10000");
+        assert_eq!(c.database, 1);
+        let c = config(
+            &[
+                "--connection-string",
+                "redis://u:k@h",
+                "--redis-username",
+                "v",
+            ],
+            &[],
+        );
+        assert!(matches!(&c.auth, AuthConfig::AccessKey { username: Some(u), .. } if u == "v"));
+    }
+
+    #[test]
+    fn malformed_connection_strings_are_one_line_and_never_echo_the_password() {
+        let malformed = [
+            "rediss://:hunter2@cache.example:notaport",
+            "rediss://:hun/ter2@cache.example:6380",
+            "rediss://:hunter2@:6380",
+            "rediss://:hunter2@cache.example:6380/zero",
+            "rediss://:hunter2@cache.example:0",
+            "http://:hunter2@cache.example",
+            "password=hunter2,ssl=True",
+            "cache.example:6380,password=hunter2,ssl=maybe",
+            "cache.example:6380,password=hunter2,defaultDatabase=x",
+            "cache.example:6380,hunter2",
+            "cache.example:http,password=hunter2",
+            "hun ter2:6380,password=hunter2",
+        ];
+        for cs in malformed {
+            let line = error(&["--connection-string", cs], &[]);
+            assert!(line.contains("malformed connection string in --connection-string"));
+            assert!(line.contains("expected rediss://"), "{line}");
+            assert!(
+                !line.contains("hunter2") && !line.contains("ter2"),
+                "{cs}: {line}"
+            );
+            let line = error(&[], &[("AZURE_REDIS_CONNECTIONSTRING", cs)]);
+            assert!(line.contains("in AZURE_REDIS_CONNECTIONSTRING"), "{line}");
+        }
+    }
+
+    // --- auth and credential selection --------------------------------------------------------
+
+    #[test]
+    fn auto_prefers_a_key_file_then_the_password_variable_then_the_connection_string() {
+        let key_file = file_with("filekey\n");
+        let path = key_file.path().to_str().unwrap();
+        let cs = "rediss://:cskey@cache.example";
+        let vars = [
+            ("AZURE_REDIS_PASSWORD", "envkey"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/t"),
+        ];
+        let c = config(
+            &["--connection-string", cs, "--access-key-file", path],
+            &vars,
+        );
+        assert!(
+            matches!(&c.auth, AuthConfig::AccessKey { source: KeySource::File(p), .. }
+            if p == key_file.path())
+        );
+        let c = config(&["--connection-string", cs], &vars);
+        assert!(
+            matches!(&c.auth, AuthConfig::AccessKey { source: KeySource::Inline(k), .. }
+            if k.expose() == "envkey")
+        );
+        let c = config(&["--connection-string", cs], &[]);
+        assert!(
+            matches!(&c.auth, AuthConfig::AccessKey { source: KeySource::Inline(k), .. }
+            if k.expose() == "cskey")
+        );
+        let c = config(
+            &[],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_ACCESS_KEY_FILE", path),
+            ],
+        );
+        assert!(matches!(
+            &c.auth,
+            AuthConfig::AccessKey {
+                source: KeySource::File(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn auto_without_a_key_picks_workload_identity_when_its_token_file_is_set() {
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/var/run/secrets/token"),
+            ("AZURE_CLIENT_ID", "webhook-client"),
+            ("AZURE_TENANT_ID", "tenant"),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/"),
+            ("AZURE_REDIS_CLIENTSECRET", "s3cret"),
+        ];
+        match config(&[], &vars).auth {
+            AuthConfig::Entra(CredentialConfig::WorkloadIdentity {
+                client_id,
+                tenant_id,
+                token_file,
+                authority_host,
+            }) => {
+                assert_eq!(client_id, "webhook-client");
+                assert_eq!(tenant_id, "tenant");
+                assert_eq!(token_file, PathBuf::from("/var/run/secrets/token"));
+                assert_eq!(
+                    authority_host.as_deref(),
+                    Some("https://login.microsoftonline.us/")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Service Connector's variables win over the webhook's.
+        let mut vars = vars.to_vec();
+        vars.push(("AZURE_REDIS_CLIENTID", "sc-client"));
+        vars.push(("AZURE_REDIS_TENANTID", "sc-tenant"));
+        assert!(matches!(config(&[], &vars).auth,
+            AuthConfig::Entra(CredentialConfig::WorkloadIdentity { client_id, tenant_id, .. })
+            if client_id == "sc-client" && tenant_id == "sc-tenant"));
+    }
+
+    #[test]
+    fn auto_without_key_or_token_file_picks_a_service_principal_when_a_secret_is_set() {
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("AZURE_REDIS_CLIENTSECRET", "s3cret"),
+            ("AZURE_REDIS_CLIENTID", "app"),
+            ("AZURE_REDIS_TENANTID", "tenant"),
+        ];
+        match config(&[], &vars).auth {
+            AuthConfig::Entra(CredentialConfig::ClientSecret {
+                tenant_id,
+                client_id,
+                secret,
+                authority_host: None,
+            }) => {
+                assert_eq!((tenant_id.as_str(), client_id.as_str()), ("tenant", "app"));
+                assert_eq!(secret.expose(), "s3cret");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn auto_falls_back_to_managed_identity_user_assigned_with_a_client_id() {
+        assert!(matches!(
+            config(&[], HOST).auth,
+            AuthConfig::Entra(CredentialConfig::ManagedIdentity { client_id: None })
+        ));
+        let vars = [("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_CLIENTID", "uami")];
+        assert!(matches!(config(&[], &vars).auth,
+            AuthConfig::Entra(CredentialConfig::ManagedIdentity { client_id: Some(id) })
+            if id == "uami"));
+        let vars = [("AZURE_REDIS_HOST", "h"), ("AZURE_CLIENT_ID", "generic")];
+        assert!(matches!(config(&[], &vars).auth,
+            AuthConfig::Entra(CredentialConfig::ManagedIdentity { client_id: Some(id) })
+            if id == "generic"));
+    }
+
+    #[test]
+    fn explicit_modes_override_auto() {
+        let with_key = [("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_PASSWORD", "k")];
+        assert!(matches!(
+            config(&["--auth", "entra"], &with_key).auth,
+            AuthConfig::Entra(_)
+        ));
+        assert!(matches!(
+            config(&["--auth", "NONE"], &with_key).auth,
+            AuthConfig::None
+        ));
+        let mut vars = with_key.to_vec();
+        vars.push(("REDIS_PROXY_AUTH", "none"));
+        // The flag wins over the variable.
+        assert!(matches!(
+            config(&["--auth", "access-key"], &vars).auth,
+            AuthConfig::AccessKey { .. }
+        ));
+        assert!(matches!(config(&[], &vars).auth, AuthConfig::None));
+        let c = config(
+            &["--credential", "azure-cli"],
+            &[("AZURE_REDIS_HOST", "h"), ("AZURE_TENANT_ID", "t")],
+        );
+        assert!(matches!(c.auth,
+            AuthConfig::Entra(CredentialConfig::AzureCli { tenant_id: Some(t) }) if t == "t"));
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/t"),
+            ("REDIS_PROXY_CREDENTIAL", "managed-identity"),
+        ];
+        assert!(matches!(
+            config(&[], &vars).auth,
+            AuthConfig::Entra(CredentialConfig::ManagedIdentity { .. })
+        ));
+    }
+
+    #[test]
+    fn auth_errors_name_what_is_missing() {
+        let line = error(&["--auth", "access-key"], HOST);
+        assert!(line.contains("AZURE_REDIS_PASSWORD"), "{line}");
+        assert!(line.contains("--access-key-file"), "{line}");
+        let line = error(&["--auth", "password"], HOST);
+        assert!(line.contains("invalid --auth 'password'"), "{line}");
+        assert!(line.contains("auto, entra, access-key or none"), "{line}");
+        let line = error(
+            &[],
+            &[("AZURE_REDIS_HOST", "h"), ("REDIS_PROXY_CREDENTIAL", "x")],
+        );
+        assert!(
+            line.contains("invalid REDIS_PROXY_CREDENTIAL 'x'"),
+            "{line}"
+        );
+        assert!(line.contains("workload-identity"), "{line}");
+        let line = error(&["--credential", "client-secret"], HOST);
+        assert!(line.contains("AZURE_REDIS_CLIENTSECRET"), "{line}");
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("AZURE_REDIS_CLIENTSECRET", "s3cret"),
+        ];
+        let line = error(&[], &vars);
+        assert!(line.contains("tenant id"), "{line}");
+        assert!(!line.contains("s3cret"), "{line}");
+    }
+
+    #[test]
+    fn workload_identity_errors_name_the_missing_variable() {
+        let line = error(&["--credential", "workload-identity"], HOST);
+        assert!(line.contains("AZURE_FEDERATED_TOKEN_FILE"), "{line}");
+        let mut vars = vec![
+            ("AZURE_REDIS_HOST", "h"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/t"),
+        ];
+        let line = error(&[], &vars);
+        assert!(line.contains("AZURE_CLIENT_ID"), "{line}");
+        vars.push(("AZURE_CLIENT_ID", "c"));
+        let line = error(&[], &vars);
+        assert!(
+            line.contains("tenant id") && line.contains("AZURE_TENANT_ID"),
+            "{line}"
+        );
+        assert!(line.contains("azure.workload.identity/use"), "{line}");
+    }
+
+    #[test]
+    fn key_file_must_be_readable_and_not_empty_at_startup() {
+        let line = error(&["--access-key-file", "/nonexistent/key"], HOST);
+        assert!(
+            line.contains("cannot read the access key file /nonexistent/key"),
+            "{line}"
+        );
+        assert!(line.contains("--access-key-file"), "{line}");
+        let empty = file_with("\n");
+        let line = error(&["--access-key-file", empty.path().to_str().unwrap()], HOST);
+        assert!(line.contains("is empty"), "{line}");
+        // Not read when the mode doesn't use it.
+        let c = config(
+            &["--auth", "entra", "--access-key-file", "/nonexistent/key"],
+            HOST,
+        );
+        assert!(matches!(c.auth, AuthConfig::Entra(_)));
+    }
+
+    // --- values --------------------------------------------------------------------------------
+
+    #[test]
+    fn durations() {
+        let c = config(
+            &[
+                "--reauth-margin",
+                "500ms",
+                "--shutdown-delay",
+                "0s",
+                "--shutdown-grace",
+                "1m 30s",
+            ],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_CONNECT_TIMEOUT", "2s"),
+            ],
+        );
+        assert_eq!(c.reauth_margin, Duration::from_millis(500));
+        assert_eq!(c.shutdown_delay, Duration::ZERO);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(90));
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        let c = config(
+            &[],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_SHUTDOWN_DELAY", "0"),
+            ],
+        );
+        assert_eq!(c.shutdown_delay, Duration::ZERO);
+        let line = error(&["--reauth-margin", "3"], HOST);
+        assert!(line.contains("invalid --reauth-margin '3'"), "{line}");
+        assert!(line.contains("3m, 30s, 500ms"), "{line}");
+        let line = error(
+            &[],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_SHUTDOWN_GRACE", "soon"),
+            ],
+        );
+        assert!(
+            line.contains("invalid REDIS_PROXY_SHUTDOWN_GRACE 'soon'"),
+            "{line}"
+        );
+        let line = error(&["--connect-timeout", "0s"], HOST);
+        assert!(line.contains("above zero"), "{line}");
+    }
+
+    #[test]
+    fn token_refresh_at_must_be_strictly_between_0_and_1() {
+        let c = config(&["--token-refresh-at", "0.5"], HOST);
+        assert_eq!(c.token_refresh_at, 0.5);
+        for bad in ["0", "1", "1.5", "-0.1", "NaN", "three quarters"] {
+            let line = error(&["--token-refresh-at", bad], HOST);
+            assert!(line.contains("between 0 and 1"), "{line}");
+        }
+    }
+
+    #[test]
+    fn booleans() {
+        for (value, expected) in [
+            ("True", true),
+            ("FALSE", false),
+            ("1", true),
+            ("0", false),
+            ("yes", true),
+            ("No", false),
+        ] {
+            let vars = [("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_SSL", value)];
+            assert_eq!(config(&[], &vars).tls, expected, "{value}");
+        }
+        let line = error(&["--tls", "maybe"], HOST);
+        assert!(
+            line.contains("invalid --tls 'maybe': expected true or false"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let c = config(&["--listen", "unix:/run/redis.sock"], HOST);
+        assert_eq!(c.listen, ListenAddr::Unix(PathBuf::from("/run/redis.sock")));
+        assert_eq!(c.listen.to_string(), "unix:/run/redis.sock");
+        let c = config(&["--listen", "[::1]:0"], HOST);
+        assert_eq!(c.listen, ListenAddr::Tcp("[::1]:0".into()));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = config(
+            &[],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_LISTEN", "0.0.0.0:6379"),
+            ],
+        );
+        assert!(c.warnings.iter().any(|w| w.contains("--listen-password")));
+        let c = config(
+            &["--listen", "0.0.0.0:6379", "--listen-password", "pw"],
+            HOST,
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        for bad in ["6379", "unix:", "localhost:port", ":6379"] {
+            let line = error(&["--listen", bad], HOST);
+            assert!(line.contains("host:port or unix:/path"), "{line}");
+        }
+    }
+
+    #[test]
+    fn admin_listen_can_be_turned_off() {
+        assert_eq!(config(&["--admin-listen", "OFF"], HOST).admin_listen, None);
+        let c = config(&["--admin-listen", "0.0.0.0:9091"], HOST);
+        assert_eq!(c.admin_listen.as_deref(), Some("0.0.0.0:9091"));
+        let line = error(&["--admin-listen", "9090"], HOST);
+        assert!(line.contains("invalid --admin-listen '9090'"), "{line}");
+    }
+
+    #[test]
+    fn numbers_and_log_format() {
+        let c = config(
+            &["--max-connections", "100", "--log-format", "JSON"],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_WARM_CONNECTIONS", "4"),
+            ],
+        );
+        assert_eq!((c.max_connections, c.warm_connections), (100, 4));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(error(&["--max-connections", "-1"], HOST).contains("--max-connections"));
+        assert!(error(&["--database", "one"], HOST).contains("invalid --database 'one'"));
+        assert!(error(&["--log-format", "xml"], HOST).contains("text or json"));
+    }
+
+    #[test]
+    fn flags_win_over_variables_and_empty_values_count_as_unset() {
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("REDIS_PROXY_LISTEN", "127.0.0.1:7000"),
+            ("REDIS_PROXY_SCOPE", "env-scope"),
+            ("REDIS_PROXY_LOG_FORMAT", ""),
+            ("AZURE_REDIS_PASSWORD", ""),
+        ];
+        let c = config(&["--listen", "127.0.0.1:7001"], &vars);
+        assert_eq!(c.listen, ListenAddr::Tcp("127.0.0.1:7001".into()));
+        assert_eq!(c.scope, "env-scope");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(matches!(c.auth, AuthConfig::Entra(_)));
+        let c = config(&["--scope", "flag-scope", "--listen", ""], &vars);
+        assert_eq!(c.scope, "flag-scope");
+        assert_eq!(c.listen, ListenAddr::Tcp("127.0.0.1:7000".into()));
+    }
+
+    #[test]
+    fn tls_server_name_and_ca_file() {
+        let c = config(&["--tls-server-name", "sni.example"], HOST);
+        assert_eq!(c.tls_server_name, "sni.example");
+        let line = error(&["--tls-server-name", "not a name"], HOST);
+        assert!(line.contains("invalid --tls-server-name"), "{line}");
+        let ca = file_with("-----BEGIN CERTIFICATE-----\n");
+        let c = config(&["--ca-file", ca.path().to_str().unwrap()], HOST);
+        assert_eq!(c.ca_file.as_deref(), Some(ca.path()));
+        let line = error(
+            &[],
+            &[("AZURE_REDIS_HOST", "h"), ("REDIS_PROXY_CA_FILE", "/nope")],
+        );
+        assert!(
+            line.contains("cannot read REDIS_PROXY_CA_FILE /nope"),
+            "{line}"
+        );
+    }
+
+    // --- subcommands, help, describe --------------------------------------------------------
+
+    #[test]
+    fn check_takes_the_same_options() {
+        match parse(&["check", "--upstream", "h:1", "--auth", "none"], &[]) {
+            Ok(Command::Check(c)) => {
+                assert_eq!(c.upstream_address(), "h:1");
+                assert!(matches!(c.auth, AuthConfig::None));
+            }
+            other => panic!("{other:?}"),
+        }
+        let line = error(&["--upstream", "h", "check"], &[]);
+        assert!(line.contains("after the subcommand"), "{line}");
+    }
+
+    #[test]
+    fn wait_and_shutdown() {
+        match parse(&["wait"], &[]) {
+            Ok(Command::Wait { admin, max }) => {
+                assert_eq!(admin, "127.0.0.1:9090");
+                assert_eq!(max, Duration::from_secs(30));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(
+            &["wait", "--max", "2m"],
+            &[("REDIS_PROXY_ADMIN_LISTEN", "[::1]:9")],
+        ) {
+            Ok(Command::Wait { admin, max }) => {
+                assert_eq!(admin, "[::1]:9");
+                assert_eq!(max, Duration::from_secs(120));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["shutdown", "--admin-listen", "localhost:9999"], &[]),
+            Ok(Command::Shutdown { admin }) if admin == "localhost:9999"
+        ));
+        let line = error(&["shutdown"], &[("REDIS_PROXY_ADMIN_LISTEN", "off")]);
+        assert!(line.contains("--admin-listen"), "{line}");
+        assert!(error(&["wait", "--max", "forever"], &[]).contains("invalid --max 'forever'"));
+    }
+
+    #[test]
+    fn help_and_version_are_text_to_print_and_usage_errors_are_one_line() {
+        match parse(&["--help"], &[]) {
+            Ok(Command::Help(text)) => {
+                assert!(text.contains("--upstream"), "{text}");
+                assert!(text.contains("AZURE_REDIS_CONNECTIONSTRING"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse(&["--version"], &[]), Ok(Command::Help(v)) if v.contains("0.")));
+        let line = error(&["--upstrem", "h"], &[]);
+        assert!(
+            line.contains("'--upstrem'") && line.contains("--help"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn describe_names_the_choice_but_no_secret() {
+        let c = config(
+            &[
+                "--connection-string",
+                "rediss://u:hunter2@cache.example:6380/1",
+            ],
+            &[("REDIS_PROXY_LISTEN_PASSWORD", "lpw-secret")],
+        );
+        let line = c.describe();
+        assert_eq!(
+            line,
+            "upstream=cache.example:6380 tls=true database=1 auth=access-key key=inline user=u \
+             listen=127.0.0.1:6379 listen_password=set admin_listen=127.0.0.1:9090"
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{c:?}").contains("lpw-secret"));
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("AZURE_REDIS_CLIENTSECRET", "s3cret"),
+            ("AZURE_CLIENT_ID", "app"),
+            ("AZURE_TENANT_ID", "tenant"),
+        ];
+        let c = config(&[], &vars);
+        assert_eq!(
+            c.describe(),
+            "upstream=h:6380 tls=true auth=entra credential=client-secret client_id=app \
+             tenant_id=tenant user=oid-claim listen=127.0.0.1:6379 admin_listen=127.0.0.1:9090"
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

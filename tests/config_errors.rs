@@ -1,0 +1,207 @@
+//! Configuration errors as a user meets them: the real binary, a clean environment, exit
+//! status 2 and exactly one line on stderr that says what is wrong and how to fix it, with no
+//! secret anywhere in the output (spec §2).
+
+use std::process::{Command, Output};
+
+/// A password that must never be printed.
+const SECRET: &str = "hunter2-s3cret";
+
+/// Runs the binary with `args` and only `vars` (plus `PATH`) in its environment.
+fn proxy(args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"));
+    command.env_clear().args(args).envs(vars.iter().copied());
+    if let Some(path) = std::env::var_os("PATH") {
+        command.env("PATH", path);
+    }
+    command.output().expect("run redis-entra-proxy")
+}
+
+/// Asserts a configuration error whose line contains every one of `hints`, and that the
+/// secret appears nowhere.
+fn assert_config_error(args: &[&str], vars: &[(&str, &str)], hints: &[&str]) -> String {
+    let output = proxy(args, vars);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: stderr={stderr}");
+    let line = stderr.strip_suffix('\n').unwrap_or(&stderr);
+    assert!(!line.contains('\n'), "more than one line: {stderr}");
+    assert!(line.starts_with("configuration error: "), "{line}");
+    for hint in hints {
+        assert!(line.contains(hint), "no '{hint}' in: {line}");
+    }
+    assert!(stdout.is_empty(), "stdout: {stdout}");
+    assert!(!stderr.contains(SECRET), "the secret leaked: {stderr}");
+    line.to_string()
+}
+
+#[test]
+fn no_upstream() {
+    assert_config_error(
+        &[],
+        &[],
+        &["no upstream", "--upstream HOST[:PORT]", "AZURE_REDIS_HOST"],
+    );
+}
+
+#[test]
+fn malformed_url_connection_string_does_not_echo_the_password() {
+    let cs = format!("rediss://:{SECRET}@cache.example:notaport");
+    assert_config_error(
+        &["--connection-string", &cs],
+        &[],
+        &[
+            "malformed connection string",
+            "rediss://[user][:password]@host",
+        ],
+    );
+    // An unencoded '/' splits the password: neither half may be printed.
+    let cs = "rediss://:hunter2/s3cret@cache.example:6380";
+    let line = assert_config_error(&[], &[("AZURE_REDIS_CONNECTIONSTRING", cs)], &[]);
+    assert!(line.contains("AZURE_REDIS_CONNECTIONSTRING"), "{line}");
+    assert!(
+        !line.contains("hunter2") && !line.contains("s3cret"),
+        "{line}"
+    );
+}
+
+#[test]
+fn malformed_stackexchange_connection_string_does_not_echo_the_password() {
+    let cs = format!("password={SECRET},ssl=True,abortConnect=False");
+    assert_config_error(
+        &[],
+        &[("AZURE_REDIS_CONNECTIONSTRING", &cs)],
+        &[
+            "malformed connection string in AZURE_REDIS_CONNECTIONSTRING",
+            "host:port",
+        ],
+    );
+    let cs = format!("cache.example:6380,password={SECRET},ssl=sometimes");
+    assert_config_error(
+        &["--connection-string", &cs],
+        &[],
+        &["ssl must be true or false"],
+    );
+}
+
+#[test]
+fn unknown_auth_mode() {
+    assert_config_error(
+        &["--upstream", "cache.example", "--auth", "password"],
+        &[],
+        &[
+            "invalid --auth 'password'",
+            "auto, entra, access-key or none",
+        ],
+    );
+}
+
+#[test]
+fn unknown_credential_kind() {
+    assert_config_error(
+        &[],
+        &[
+            ("AZURE_REDIS_HOST", "cache.example"),
+            ("REDIS_PROXY_CREDENTIAL", "default"),
+        ],
+        &[
+            "invalid REDIS_PROXY_CREDENTIAL 'default'",
+            "workload-identity",
+        ],
+    );
+}
+
+#[test]
+fn unreadable_access_key_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("access-key");
+    let missing = missing.to_str().expect("UTF-8 path");
+    assert_config_error(
+        &["--upstream", "cache.example", "--access-key-file", missing],
+        &[],
+        &[
+            "cannot read the access key file",
+            missing,
+            "mount the Secret",
+        ],
+    );
+}
+
+#[test]
+fn access_key_mode_without_a_key() {
+    assert_config_error(
+        &["--upstream", "cache.example", "--auth", "access-key"],
+        &[],
+        &["AZURE_REDIS_PASSWORD", "--access-key-file"],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_config_error(
+        &[
+            "--upstream",
+            "cache.example",
+            "--reauth-margin",
+            "3 fortnights",
+        ],
+        &[],
+        &["invalid --reauth-margin", "3m, 30s, 500ms"],
+    );
+}
+
+#[test]
+fn bad_token_refresh_at() {
+    assert_config_error(
+        &["--upstream", "cache.example", "--token-refresh-at", "1.5"],
+        &[],
+        &["invalid --token-refresh-at '1.5'", "between 0 and 1"],
+    );
+}
+
+#[test]
+fn bad_listen_address() {
+    assert_config_error(
+        &["--upstream", "cache.example", "--listen", "6379"],
+        &[],
+        &["invalid --listen '6379'", "host:port or unix:/path"],
+    );
+}
+
+#[test]
+fn workload_identity_without_tenant() {
+    assert_config_error(
+        &[],
+        &[
+            ("AZURE_REDIS_HOST", "cache.example"),
+            (
+                "AZURE_FEDERATED_TOKEN_FILE",
+                "/var/run/secrets/azure/tokens/token",
+            ),
+            ("AZURE_CLIENT_ID", "00000000-0000-0000-0000-000000000001"),
+            ("AZURE_REDIS_CLIENTSECRET", SECRET),
+        ],
+        &["workload identity needs a tenant id", "AZURE_TENANT_ID"],
+    );
+}
+
+#[test]
+fn unknown_flag_is_a_one_line_usage_error() {
+    assert_config_error(
+        &["--upstrem", "cache.example"],
+        &[],
+        &["'--upstrem'", "--help"],
+    );
+}
+
+#[test]
+fn help_exits_0() {
+    let output = proxy(&["--help"], &[]);
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("--upstream"), "{stdout}");
+    assert!(stdout.contains("AZURE_REDIS_CONNECTIONSTRING"), "{stdout}");
+    let output = proxy(&["--version"], &[]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("redis-entra-proxy "));
+}
