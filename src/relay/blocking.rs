@@ -1,0 +1,192 @@
+//! Blocking commands that outlive a token.
+//!
+//! While a client is blocked (`BLPOP k 0` for hours), Redis reads nothing else from the
+//! connection, so an `AUTH` sent behind the command would only run after the token expired —
+//! and Azure closes the connection at that moment. The relay therefore forwards the command with
+//! a *bounded* timeout (a slice of what is left of the connection's token), and when that slice
+//! times out — which has no side effect for these commands — it re-authenticates if a newer
+//! credential is there and issues the command again with the time the client has left. The
+//! client sees exactly one reply: the data, or the timeout reply once its own timeout has passed.
+//!
+//! Residual differences (documented in the README): between two slices another client blocked
+//! on the same key may get ahead in the queue; and `XREAD … $` is not sliced (re-issuing `$`
+//! could skip entries added between two slices), so it blocks as sent.
+
+use super::resp::encode_command;
+use bytes::Bytes;
+use std::time::{Duration, Instant};
+
+/// The shortest slice the proxy forwards (and the unit it rounds to).
+const MIN_SLICE: Duration = Duration::from_millis(100);
+
+/// How a command expresses its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// Seconds, possibly fractional (`BLPOP k 1.5`); 0 blocks forever.
+    Seconds,
+    /// Milliseconds (`XREAD BLOCK 1500`, `WAIT 1 1500`); 0 blocks forever.
+    Millis,
+}
+
+/// A blocking command the relay may re-issue, with the time its client allowed.
+#[derive(Debug)]
+pub struct BlockingCall {
+    args: Vec<Vec<u8>>,
+    /// Index of the timeout argument.
+    slot: usize,
+    unit: Unit,
+    /// When the client's own timeout ends (`None`: blocks forever).
+    deadline: Option<Instant>,
+    /// For `WAIT`: the replica count that ends the wait early.
+    wait_replicas: Option<i64>,
+}
+
+impl BlockingCall {
+    /// Recognises a blocking command whose timeout the proxy can slice; `None` for anything
+    /// else (including malformed ones, which are forwarded as they are for Redis to refuse).
+    pub fn parse<'a>(args: impl Iterator<Item = &'a [u8]>, now: Instant) -> Option<BlockingCall> {
+        let args: Vec<Vec<u8>> = args.map(<[u8]>::to_vec).collect();
+        let name = args.first()?.to_ascii_uppercase();
+        let (slot, unit) = match name.as_slice() {
+            b"BLPOP" | b"BRPOP" | b"BZPOPMIN" | b"BZPOPMAX" | b"BRPOPLPUSH" | b"BLMOVE" => {
+                (args.len().checked_sub(1).filter(|&i| i >= 2)?, Unit::Seconds)
+            }
+            b"BLMPOP" | b"BZMPOP" => (1, Unit::Seconds),
+            b"WAIT" => (2, Unit::Millis),
+            b"XREAD" | b"XREADGROUP" => (stream_block_slot(&args)?, Unit::Millis),
+            _ => return None,
+        };
+        let timeout = parse_timeout(args.get(slot)?, unit)?;
+        let wait_replicas = if name == b"WAIT" {
+            Some(std::str::from_utf8(args.get(1)?).ok()?.parse().ok()?)
+        } else {
+            None
+        };
+        Some(BlockingCall {
+            deadline: timeout.map(|t| now + t),
+            args,
+            slot,
+            unit,
+            wait_replicas,
+        })
+    }
+
+    /// The command to send now: the client's, with a timeout of at most `slice` (and never
+    /// past the client's own deadline). `None` when the client's time is up.
+    pub fn encode(&mut self, slice: Duration, now: Instant) -> Bytes {
+        let left = self.deadline.map(|d| d.saturating_duration_since(now));
+        let slice = left.map_or(slice, |l| l.min(slice)).max(Duration::from_millis(1));
+        let value = match self.unit {
+            Unit::Seconds => format!("{:.3}", slice.as_secs_f64()),
+            Unit::Millis => slice.as_millis().to_string(),
+        };
+        self.args[self.slot] = value.into_bytes();
+        let refs: Vec<&[u8]> = self.args.iter().map(Vec::as_slice).collect();
+        encode_command(&refs)
+    }
+
+    /// True when `reply` says the slice ran out without a result, and the client still waits:
+    /// then the command is issued again instead of answering the client.
+    pub fn should_reissue(&self, reply: &[u8], now: Instant) -> bool {
+        let time_left = self.deadline.is_none_or(|d| d > now);
+        time_left && self.timed_out(reply)
+    }
+
+    fn timed_out(&self, reply: &[u8]) -> bool {
+        match self.wait_replicas {
+            Some(wanted) => reply
+                .strip_prefix(b":")
+                .and_then(|r| std::str::from_utf8(r).ok())
+                .and_then(|r| r.trim_end().parse::<i64>().ok())
+                .is_some_and(|acked| acked < wanted),
+            None => matches!(reply, b"*-1\r\n" | b"$-1\r\n" | b"_\r\n"),
+        }
+    }
+}
+
+/// The slice for a connection whose token expires at `expires_at`: half of what is left, so that
+/// a slice ends while the token still lives and a newer one is picked up within a few slices.
+pub fn slice_for(expires_at: std::time::SystemTime) -> Duration {
+    let left = expires_at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    (left / 2).max(MIN_SLICE)
+}
+
+/// `XREAD`/`XREADGROUP`: the argument after `BLOCK` (before `STREAMS`). Not sliced when an id
+/// is `$`, which would mean "newer than now" again at each re-issue.
+fn stream_block_slot(args: &[Vec<u8>]) -> Option<usize> {
+    let streams = args.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS"))?;
+    let block = args[..streams]
+        .iter()
+        .position(|a| a.eq_ignore_ascii_case(b"BLOCK"))?;
+    if args[streams + 1..].iter().any(|a| a == b"$") {
+        return None;
+    }
+    Some(block + 1)
+}
+
+/// The client's timeout: `None` for 0 (forever); refuses negative or non-numeric values.
+fn parse_timeout(value: &[u8], unit: Unit) -> Option<Option<Duration>> {
+    let text = std::str::from_utf8(value).ok()?;
+    let duration = match unit {
+        Unit::Seconds => Duration::try_from_secs_f64(text.parse::<f64>().ok()?).ok()?,
+        Unit::Millis => Duration::from_millis(text.parse::<u64>().ok()?),
+    };
+    Some((!duration.is_zero()).then_some(duration))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(args: &[&str]) -> Option<BlockingCall> {
+        BlockingCall::parse(args.iter().map(|a| a.as_bytes()), Instant::now())
+    }
+
+    fn sent(c: &mut BlockingCall, slice: Duration) -> Vec<String> {
+        let bytes = c.encode(slice, Instant::now());
+        super::super::resp::Args::new(&bytes)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn slices_an_infinite_blpop() {
+        let mut c = call(&["BLPOP", "a", "b", "0"]).unwrap();
+        assert_eq!(sent(&mut c, Duration::from_millis(1500)), ["BLPOP", "a", "b", "1.500"]);
+        assert!(c.should_reissue(b"*-1\r\n", Instant::now()));
+        assert!(c.should_reissue(b"_\r\n", Instant::now()));
+        assert!(!c.should_reissue(b"*2\r\n$1\r\na\r\n$1\r\nx\r\n", Instant::now()));
+    }
+
+    #[test]
+    fn never_waits_past_the_clients_timeout() {
+        let mut c = call(&["BRPOPLPUSH", "s", "d", "0.2"]).unwrap();
+        let args = sent(&mut c, Duration::from_secs(10));
+        let t: f64 = args[3].parse().unwrap();
+        assert!(t <= 0.2 && t > 0.0, "{t}");
+        let later = Instant::now() + Duration::from_millis(300);
+        assert!(!c.should_reissue(b"$-1\r\n", later), "the client's timeout passed");
+    }
+
+    #[test]
+    fn finds_timeouts_in_every_shape() {
+        assert_eq!(sent(&mut call(&["BLMPOP", "0", "1", "k", "LEFT"]).unwrap(), Duration::from_secs(1))[1], "1.000");
+        assert_eq!(sent(&mut call(&["WAIT", "1", "0"]).unwrap(), Duration::from_secs(2))[2], "2000");
+        let x = sent(&mut call(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]).unwrap(), Duration::from_secs(1));
+        assert_eq!(x[5], "1000");
+        assert!(call(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).is_none(), "$ is not sliced");
+        assert!(call(&["XREAD", "STREAMS", "s", "0"]).is_none(), "no BLOCK: not blocking");
+        assert!(call(&["BLPOP", "k", "-1"]).is_none(), "negative: Redis refuses it");
+        assert!(call(&["BLPOP", "0"]).is_none(), "arity error: forwarded for Redis to refuse");
+        assert!(call(&["GET", "k"]).is_none());
+    }
+
+    #[test]
+    fn wait_is_reissued_only_while_replicas_are_missing() {
+        let c = call(&["WAIT", "2", "0"]).unwrap();
+        assert!(c.should_reissue(b":1\r\n", Instant::now()));
+        assert!(!c.should_reissue(b":2\r\n", Instant::now()));
+    }
+}

@@ -1,0 +1,131 @@
+//! The handful of commands the relay must recognise.
+//!
+//! Almost every command is relayed without a look at its arguments. These are the exceptions:
+//! they change connection state that decides whether an injected `AUTH` is safe, or they carry
+//! credentials the proxy replaces. Classification compares the command name without allocating.
+
+use super::pending::SubKind;
+
+/// What the relay needs to know about a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Anything else: relayed untouched.
+    Other,
+    /// `AUTH`: answered by the proxy, never forwarded.
+    Auth,
+    /// `HELLO`: forwarded with its `AUTH` pair replaced.
+    Hello,
+    /// `RESET`: forwarded, then the connection is authenticated again.
+    Reset,
+    /// `MULTI`: no injection until `EXEC`/`DISCARD`.
+    Multi,
+    /// `EXEC` or `DISCARD`: the transaction ends.
+    EndTransaction,
+    /// `CLIENT`: `CLIENT REPLY` changes which commands get replies.
+    Client,
+    /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`.
+    Subscribe(SubKind),
+    /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE`.
+    Unsubscribe(SubKind),
+    /// `PING`: its reply differs in RESP2 subscribed mode.
+    Ping,
+    /// `QUIT`.
+    Quit,
+    /// `MONITOR`: the connection becomes a feed.
+    Monitor,
+    /// A command that may block (`BLPOP`, `XREAD … BLOCK`, `WAIT`, …): see `blocking`.
+    Blocking,
+}
+
+impl Command {
+    /// Classifies a command name (case-insensitive).
+    pub fn classify(name: &[u8]) -> Command {
+        const TABLE: &[(&[u8], Command)] = &[
+            (b"AUTH", Command::Auth),
+            (b"HELLO", Command::Hello),
+            (b"RESET", Command::Reset),
+            (b"MULTI", Command::Multi),
+            (b"EXEC", Command::EndTransaction),
+            (b"DISCARD", Command::EndTransaction),
+            (b"CLIENT", Command::Client),
+            (b"SUBSCRIBE", Command::Subscribe(SubKind::Channel)),
+            (b"PSUBSCRIBE", Command::Subscribe(SubKind::Pattern)),
+            (b"SSUBSCRIBE", Command::Subscribe(SubKind::Shard)),
+            (b"UNSUBSCRIBE", Command::Unsubscribe(SubKind::Channel)),
+            (b"PUNSUBSCRIBE", Command::Unsubscribe(SubKind::Pattern)),
+            (b"SUNSUBSCRIBE", Command::Unsubscribe(SubKind::Shard)),
+            (b"PING", Command::Ping),
+            (b"QUIT", Command::Quit),
+            (b"MONITOR", Command::Monitor),
+            (b"BLPOP", Command::Blocking),
+            (b"BRPOP", Command::Blocking),
+            (b"BRPOPLPUSH", Command::Blocking),
+            (b"BLMOVE", Command::Blocking),
+            (b"BLMPOP", Command::Blocking),
+            (b"BZPOPMIN", Command::Blocking),
+            (b"BZPOPMAX", Command::Blocking),
+            (b"BZMPOP", Command::Blocking),
+            (b"XREAD", Command::Blocking),
+            (b"XREADGROUP", Command::Blocking),
+            (b"WAIT", Command::Blocking),
+        ];
+        if name.len() < 4 || name.len() > 12 {
+            return Command::Other;
+        }
+        TABLE
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map_or(Command::Other, |&(_, c)| c)
+    }
+
+    /// Commands Redis accepts from a RESP2 client in subscribed mode.
+    pub fn allowed_when_subscribed(self) -> bool {
+        matches!(
+            self,
+            Command::Subscribe(_)
+                | Command::Unsubscribe(_)
+                | Command::Ping
+                | Command::Quit
+                | Command::Reset
+        )
+    }
+}
+
+/// The confirmation push name for a (un)subscribe family, as Redis sends it.
+pub fn confirmation_name(kind: SubKind, subscribe: bool) -> &'static [u8] {
+    match (kind, subscribe) {
+        (SubKind::Channel, true) => b"subscribe",
+        (SubKind::Pattern, true) => b"psubscribe",
+        (SubKind::Shard, true) => b"ssubscribe",
+        (SubKind::Channel, false) => b"unsubscribe",
+        (SubKind::Pattern, false) => b"punsubscribe",
+        (SubKind::Shard, false) => b"sunsubscribe",
+    }
+}
+
+/// Parses a confirmation push name back into its family and direction.
+pub fn parse_confirmation(name: &[u8]) -> Option<(SubKind, bool)> {
+    [SubKind::Channel, SubKind::Pattern, SubKind::Shard]
+        .into_iter()
+        .flat_map(|k| [(k, true), (k, false)])
+        .find(|&(k, s)| confirmation_name(k, s) == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_case_insensitively() {
+        assert_eq!(Command::classify(b"auth"), Command::Auth);
+        assert_eq!(Command::classify(b"Exec"), Command::EndTransaction);
+        assert_eq!(Command::classify(b"GET"), Command::Other);
+        assert_eq!(Command::classify(b"punsubscribe"), Command::Unsubscribe(SubKind::Pattern));
+    }
+
+    #[test]
+    fn confirmation_names_round_trip() {
+        assert_eq!(parse_confirmation(b"sunsubscribe"), Some((SubKind::Shard, false)));
+        assert_eq!(parse_confirmation(b"message"), None);
+    }
+}
