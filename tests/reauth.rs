@@ -1,0 +1,328 @@
+//! Re-authentication of live connections, end to end.
+//!
+//! The proxy runs against the fake Azure front with tokens that live about three seconds: the
+//! front closes any connection whose last `AUTH`'s token expires, exactly like Azure. A
+//! connection that survives many lifetimes therefore proves the proxy re-authenticated it, and
+//! the assertions on replies prove the client never saw an injected reply.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::{ProxyProcess, RespClient, Setup, Value, wait_until};
+
+const LIFETIME: Duration = Duration::from_secs(3);
+
+async fn entra() -> (Setup, ProxyProcess) {
+    let setup = Setup::entra_app_service(LIFETIME).await;
+    let proxy = setup.start_proxy().await;
+    (setup, proxy)
+}
+
+fn bulk(s: &str) -> Value {
+    Value::bulk(s)
+}
+
+/// Waits until at least `n` more tokens have expired at the front than `before`.
+async fn wait_for_expiries(setup: &Setup, before: u64, n: u64) {
+    let front = setup.front();
+    assert!(
+        wait_until(Duration::from_secs(30), || front.tokens_expired() >= before + n).await,
+        "tokens did not expire: {} after {before}",
+        front.tokens_expired()
+    );
+}
+
+/// True when `CLIENT INFO` output has the exact `name=value` field.
+fn has_field(info: &str, field: &str) -> bool {
+    info.split_whitespace().any(|f| f == field)
+}
+
+async fn client_id(c: &mut RespClient) -> i64 {
+    c.cmd(&["CLIENT", "ID"]).await.as_int().expect("CLIENT ID")
+}
+
+#[tokio::test]
+async fn a_connection_keeps_working_for_ten_token_lifetimes() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let id = client_id(&mut c).await;
+    let expired_before = setup.front().tokens_expired();
+    let start = Instant::now();
+    let mut n = 0;
+    while setup.front().tokens_expired() < expired_before + 10 {
+        n += 1;
+        assert_eq!(c.cmd(&["INCR", "counter"]).await, Value::Int(n));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(start.elapsed() < Duration::from_secs(60), "tokens stopped expiring");
+    }
+    assert_eq!(client_id(&mut c).await, id, "the upstream connection was replaced");
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+    assert!(setup.front().auth_accepted() >= 10, "too few re-authentications");
+    assert_eq!(setup.front().auth_rejected(), 0);
+}
+
+#[tokio::test]
+async fn many_idle_connections_all_survive() {
+    let (setup, proxy) = entra().await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        let mut c = RespClient::connect(proxy.addr()).await;
+        let id = client_id(&mut c).await;
+        clients.push((c, id));
+    }
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 3).await;
+    for (c, id) in &mut clients {
+        assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+        assert_eq!(client_id(c).await, *id);
+    }
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+}
+
+#[tokio::test]
+async fn a_transaction_held_open_across_a_refresh_gets_exactly_its_results() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    assert!(c.cmd(&["MULTI"]).await.is_ok());
+    assert_eq!(c.cmd(&["SET", "tx", "1"]).await, Value::simple("QUEUED"));
+    let issued = setup.issuer.issued();
+    assert!(wait_until(Duration::from_secs(10), || setup.issuer.issued() > issued).await);
+    assert_eq!(c.cmd(&["INCR", "tx"]).await, Value::simple("QUEUED"));
+    assert_eq!(
+        c.cmd(&["EXEC"]).await,
+        Value::Array(vec![Value::ok(), Value::Int(2)]),
+        "an injected AUTH must never land inside a transaction"
+    );
+    // The re-authentication deferred by the transaction happens after EXEC: the connection
+    // outlives the tokens that were current during the transaction.
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
+    assert_eq!(c.cmd(&["GET", "tx"]).await, bulk("2"));
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+}
+
+/// Reads until `n` numbered messages arrived on `channel`; every number exactly once, in order.
+/// `message` picks the payload out of one frame (RESP2 array or RESP3 push).
+async fn read_numbered(sub: &mut RespClient, total: u64, mut on_other: impl FnMut(Value)) {
+    let mut next = 1;
+    while next <= total {
+        let v = sub.read().await;
+        let items = match &v {
+            Value::Array(items) | Value::Push(items) => items.clone(),
+            _ => {
+                on_other(v);
+                continue;
+            }
+        };
+        if items.first() != Some(&bulk("message")) {
+            on_other(v);
+            continue;
+        }
+        assert_eq!(items[1], bulk("numbers"));
+        assert_eq!(items[2], bulk(&next.to_string()), "lost, duplicated or reordered");
+        next += 1;
+    }
+}
+
+/// Publishes 1..=total on `numbers`, paced so that the stream spans several token lifetimes.
+fn publish_numbers(addr: std::net::SocketAddr, total: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut p = RespClient::connect(addr).await;
+        for i in 1..=total {
+            let receivers = p.cmd(&["PUBLISH", "numbers", &i.to_string()]).await;
+            assert_eq!(receivers, Value::Int(1));
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_resp2_subscriber_gets_every_message_exactly_once_across_many_refreshes() {
+    let (setup, proxy) = entra().await;
+    let mut sub = RespClient::connect(proxy.addr()).await;
+    sub.send(&["SUBSCRIBE", "numbers"]).await;
+    assert_eq!(
+        sub.read().await,
+        Value::Array(vec![bulk("subscribe"), bulk("numbers"), Value::Int(1)])
+    );
+    let expired_before = setup.front().tokens_expired();
+    let total = 400; // ~12 s: four token lifetimes
+    let publisher = publish_numbers(proxy.addr(), total);
+    let mut pongs = 0;
+    sub.send(&["PING"]).await;
+    read_numbered(&mut sub, total, |other| {
+        assert_eq!(other, Value::Array(vec![bulk("pong"), bulk("")]), "RESP2 subscribed PING");
+        pongs += 1;
+    })
+    .await;
+    publisher.await.expect("publisher");
+    assert_eq!(pongs, 1);
+    assert!(setup.front().tokens_expired() >= expired_before + 3);
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+
+    // Still RESP2 subscribed mode as the client knows it.
+    let refused = sub.cmd(&["GET", "x"]).await;
+    assert!(
+        refused.error().is_some_and(|e| e.contains("Can't execute 'get'")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        sub.cmd(&["UNSUBSCRIBE"]).await,
+        Value::Array(vec![bulk("unsubscribe"), bulk("numbers"), Value::Int(0)])
+    );
+    // Out of subscribed mode: ordinary RESP2 replies again.
+    assert!(sub.cmd(&["SET", "x", "1"]).await.is_ok());
+    assert_eq!(sub.cmd(&["GET", "x"]).await, bulk("1"));
+    assert_eq!(sub.cmd(&["PING"]).await, Value::simple("PONG"));
+}
+
+#[tokio::test]
+async fn a_resp3_subscriber_gets_every_message_exactly_once_across_many_refreshes() {
+    let (setup, proxy) = entra().await;
+    let mut sub = RespClient::connect(proxy.addr()).await;
+    let hello = sub.cmd(&["HELLO", "3"]).await;
+    assert_eq!(hello.map_get("proto"), Some(&Value::Int(3)));
+    sub.send(&["SUBSCRIBE", "numbers"]).await;
+    assert_eq!(
+        sub.read().await,
+        Value::Push(vec![bulk("subscribe"), bulk("numbers"), Value::Int(1)])
+    );
+    let expired_before = setup.front().tokens_expired();
+    let total = 400;
+    let publisher = publish_numbers(proxy.addr(), total);
+    sub.send(&["SET", "r3", "v"]).await; // RESP3 allows ordinary commands while subscribed
+    let mut replies = Vec::new();
+    read_numbered(&mut sub, total, |other| replies.push(other)).await;
+    publisher.await.expect("publisher");
+    assert_eq!(replies, vec![Value::ok()]);
+    assert!(setup.front().tokens_expired() >= expired_before + 3);
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+    assert_eq!(sub.cmd(&["GET", "r3"]).await, bulk("v"));
+}
+
+#[tokio::test]
+async fn ten_thousand_pipelined_commands_across_a_refresh_keep_their_order() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let incr = b"*2\r\n$4\r\nINCR\r\n$1\r\np\r\n".repeat(5_000);
+    c.send_raw(&incr).await;
+    let issued = setup.issuer.issued();
+    assert!(wait_until(Duration::from_secs(10), || setup.issuer.issued() > issued).await);
+    c.send_raw(&incr).await;
+    for n in 1..=10_000 {
+        assert_eq!(c.read().await, Value::Int(n));
+    }
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
+    assert_eq!(c.cmd(&["GET", "p"]).await, bulk("10000"));
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+}
+
+#[tokio::test]
+async fn reset_is_followed_by_authentication_and_the_configured_database() {
+    let setup = Setup::entra_app_service(LIFETIME).await;
+    let proxy = setup.start_proxy_with(&["--database", "3"], &[]).await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    assert!(c.cmd(&["SELECT", "5"]).await.is_ok());
+    assert!(c.cmd(&["MULTI"]).await.is_ok());
+    assert_eq!(c.cmd(&["RESET"]).await, Value::simple("RESET"));
+    // Without the proxy's AUTH after RESET this would be NOAUTH; without SELECT, db 0.
+    assert!(c.cmd(&["SET", "after-reset", "1"]).await.is_ok());
+    let info = c.cmd(&["CLIENT", "INFO"]).await.as_str().expect("CLIENT INFO");
+    assert!(has_field(&info, "db=3"), "{info}");
+    assert!(info.split_whitespace().any(|f| f.starts_with("user=tok-")), "{info}");
+    assert!(has_field(&info, "resp=2"), "{info}");
+    // And the connection keeps being re-authenticated afterwards.
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
+    assert_eq!(c.cmd(&["GET", "after-reset"]).await, bulk("1"));
+}
+
+#[tokio::test]
+async fn hello_with_auth_gets_the_proxy_credential_and_switches_protocol() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let accepted = setup.front().auth_accepted();
+    let hello = c
+        .cmd(&["HELLO", "3", "AUTH", "legacy-user", "old-password", "SETNAME", "app"])
+        .await;
+    assert_eq!(hello.map_get("proto"), Some(&Value::Int(3)), "{hello:?}");
+    assert!(setup.front().auth_accepted() > accepted, "the HELLO carried a token");
+    let info = c.cmd(&["CLIENT", "INFO"]).await.as_str().expect("CLIENT INFO");
+    assert!(has_field(&info, "name=app"), "{info}");
+    assert!(has_field(&info, "resp=3"), "{info}");
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+}
+
+#[tokio::test]
+async fn a_connection_with_replies_off_is_reauthenticated_without_a_stray_reply() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    c.send(&["CLIENT", "REPLY", "OFF"]).await;
+    c.send(&["SET", "off1", "a"]).await;
+    let expired = setup.front().tokens_expired();
+    wait_for_expiries(&setup, expired, 2).await; // re-authenticated while replies were off
+    c.send(&["SET", "off2", "b"]).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    assert!(c.cmd(&["CLIENT", "REPLY", "ON"]).await.is_ok());
+    assert_eq!(c.cmd(&["GET", "off1"]).await, bulk("a"));
+    assert_eq!(c.cmd(&["GET", "off2"]).await, bulk("b"));
+    // SKIP suppresses exactly the next reply, and nothing of the proxy's is suppressed instead.
+    c.send(&["CLIENT", "REPLY", "SKIP"]).await;
+    c.send(&["SET", "skipped", "c"]).await;
+    assert_eq!(c.cmd(&["GET", "skipped"]).await, bulk("c"));
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+}
+
+#[tokio::test]
+async fn access_key_rotation_through_the_key_file() {
+    let setup = Setup::access_key().await;
+    let key_file = setup.dir.path().join("access-key");
+    let old_key = setup.redis.access_key();
+    std::fs::write(&key_file, format!("{old_key}\n")).expect("write key file");
+    let mut args: Vec<&str> = setup.args.iter().map(String::as_str).collect();
+    let key_path = key_file.display().to_string();
+    args.extend(["--access-key-file", key_path.as_str()]);
+    let proxy = ProxyProcess::start(&args, &[]).await;
+    let mut live = RespClient::connect(proxy.addr()).await;
+    assert_eq!(live.cmd(&["PING"]).await, Value::simple("PONG"));
+
+    // Rotate as Kubernetes does: the new key is valid first, then the file changes.
+    let new_key = "rotated-access-key-2";
+    setup.redis.set_access_keys(&[&old_key, new_key]).await;
+    std::fs::write(&key_file, new_key).expect("rotate key file");
+    proxy
+        .wait_for_output("re-authenticated", Duration::from_secs(15))
+        .await;
+    // The old key is revoked: new connections must use the new key, the live one already does.
+    setup.redis.set_access_keys(&[new_key]).await;
+    let mut fresh = RespClient::connect(proxy.addr()).await;
+    assert_eq!(fresh.cmd(&["PING"]).await, Value::simple("PONG"));
+    assert!(live.cmd(&["SET", "k", "v"]).await.is_ok());
+    // A RESET logs the live connection out: it can only come back with the new key.
+    assert_eq!(live.cmd(&["RESET"]).await, Value::simple("RESET"));
+    assert_eq!(live.cmd(&["GET", "k"]).await, bulk("v"));
+}
+
+#[tokio::test]
+async fn inline_commands_are_relayed() {
+    let (_setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    c.send_raw(b"SET inline \"a b\"\r\nGET inline\r\nPING\r\n").await;
+    assert!(c.read().await.is_ok());
+    assert_eq!(c.read().await, bulk("a b"));
+    assert_eq!(c.read().await, Value::simple("PONG"));
+}
+
+#[tokio::test]
+async fn client_auth_is_answered_locally_and_never_reaches_the_server() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let accepted = setup.front().auth_accepted();
+    let rejected = setup.front().auth_rejected();
+    assert!(c.cmd(&["AUTH", "an-old-access-key"]).await.is_ok());
+    assert!(c.cmd(&["AUTH", "someone", "something"]).await.is_ok());
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    let events = setup.front().auth_events();
+    assert_eq!(setup.front().auth_rejected(), rejected, "{events:#?}");
+    assert!(events.iter().all(|e| e.user != "someone"), "{events:#?}");
+    let _ = accepted;
+}
