@@ -1,13 +1,129 @@
 //! `redis-entra-proxy check`: the whole path once, step by step.
 //!
 //! What a user runs first: configuration, credential (token expiry, Redis user), TCP + TLS +
-//! `AUTH`, `PING` round trip and the server's version. Exit status 0 only if all of it works.
-//! Nothing secret is printed.
+//! `AUTH`, a `PING` round trip and the server's version. Each step prints one line; the first
+//! failure says what went wrong and stops. Exit status 0 only if all of it works. Nothing
+//! secret is printed: the credential is described by its user and expiry, never its value.
 
 use crate::config::Config;
+use crate::credential::{AuthCredential, AuthKind, CredentialManager};
+use crate::relay::encode_command;
+use crate::upstream::{Upstream, error_text, roundtrip};
+use bytes::BytesMut;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
 
 /// Runs every step, printing one line each; true when all passed.
 pub async fn run(config: Config) -> bool {
-    println!("configuration: {}", config.describe());
-    false
+    println!("configuration: ok ({})", config.describe());
+    let stop = CancellationToken::new();
+    let result = steps(&config, &stop).await;
+    stop.cancel();
+    match result {
+        Ok(()) => {
+            println!("result: ok, the proxy can serve clients");
+            true
+        }
+        Err(failure) => {
+            println!("result: FAILED: {failure}");
+            false
+        }
+    }
+}
+
+async fn steps(config: &Config, stop: &CancellationToken) -> Result<(), String> {
+    let credential = obtain_credential(config, stop).await?;
+    let upstream = Upstream::new(config).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut stream = upstream
+        .connect(credential.as_deref())
+        .await
+        .map_err(|e| format!("upstream: {e}"))?;
+    println!(
+        "upstream: connected to {} ({}){} in {} ms",
+        upstream.addr(),
+        if config.tls { "TLS" } else { "plaintext" },
+        match &credential {
+            Some(c) => format!(
+                ", authenticated as {}",
+                c.username.as_deref().unwrap_or("default")
+            ),
+            None => String::new(),
+        },
+        started.elapsed().as_millis()
+    );
+    let started = Instant::now();
+    let commands = [
+        encode_command(&[b"PING"]),
+        encode_command(&[b"INFO", b"server"]),
+    ];
+    let replies = roundtrip(&mut stream, &commands)
+        .await
+        .map_err(|e| format!("PING: {e}"))?;
+    let rtt = started.elapsed();
+    match replies.first() {
+        Some(r) if r.starts_with(b"+PONG") => {}
+        Some(r) => return Err(format!("PING: {}", error_text(r))),
+        None => return Err("PING: no reply".into()),
+    }
+    println!(
+        "redis: PING ok, round trip {:.2} ms (with INFO), server version {}",
+        rtt.as_secs_f64() * 1000.0,
+        replies
+            .get(1)
+            .and_then(server_version)
+            .unwrap_or_else(|| "unknown".into())
+    );
+    Ok(())
+}
+
+/// Obtains the credential the proxy would use and describes it without its value.
+async fn obtain_credential(
+    config: &Config,
+    stop: &CancellationToken,
+) -> Result<Option<Arc<AuthCredential>>, String> {
+    let manager = CredentialManager::start(config, stop.clone()).map_err(|e| e.to_string())?;
+    if manager.mode() == AuthKind::None {
+        println!("credential: none (--auth none)");
+        return Ok(None);
+    }
+    let credential = manager
+        .wait_current(config.connect_timeout)
+        .await
+        .map_err(|e| format!("credential: {e}"))?;
+    match credential.expires_at {
+        Some(at) => println!(
+            "credential: Entra token for Redis user {}, expires {} (in {})",
+            credential.username.as_deref().unwrap_or("?"),
+            humantime::format_rfc3339_seconds(at),
+            humantime::format_duration(round_secs(at))
+        ),
+        None => println!(
+            "credential: access key{}",
+            credential
+                .username
+                .as_deref()
+                .map(|u| format!(" for user {u}"))
+                .unwrap_or_default()
+        ),
+    }
+    Ok(Some(credential))
+}
+
+fn round_secs(at: SystemTime) -> std::time::Duration {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    std::time::Duration::from_secs(left.as_secs())
+}
+
+/// `redis_version` from an `INFO server` reply, decoded with redis-protocol.
+fn server_version(reply: &BytesMut) -> Option<String> {
+    let (frame, _) = redis_protocol::resp2::decode::decode(reply).ok()??;
+    let text = match frame {
+        redis_protocol::resp2::types::OwnedFrame::BulkString(b) => String::from_utf8(b).ok()?,
+        _ => return None,
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_string())
 }
