@@ -26,7 +26,9 @@ fn bulk(s: &str) -> Value {
 async fn wait_for_expiries(setup: &Setup, before: u64, n: u64) {
     let front = setup.front();
     assert!(
-        wait_until(Duration::from_secs(30), || front.tokens_expired() >= before + n).await,
+        wait_until(Duration::from_secs(30), || front.tokens_expired()
+            >= before + n)
+        .await,
         "tokens did not expire: {} after {before}",
         front.tokens_expired()
     );
@@ -53,11 +55,21 @@ async fn a_connection_keeps_working_for_ten_token_lifetimes() {
         n += 1;
         assert_eq!(c.cmd(&["INCR", "counter"]).await, Value::Int(n));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(start.elapsed() < Duration::from_secs(60), "tokens stopped expiring");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "tokens stopped expiring"
+        );
     }
-    assert_eq!(client_id(&mut c).await, id, "the upstream connection was replaced");
+    assert_eq!(
+        client_id(&mut c).await,
+        id,
+        "the upstream connection was replaced"
+    );
     assert_eq!(setup.front().connections_closed_by_server(), 0);
-    assert!(setup.front().auth_accepted() >= 10, "too few re-authentications");
+    assert!(
+        setup.front().auth_accepted() >= 10,
+        "too few re-authentications"
+    );
     assert_eq!(setup.front().auth_rejected(), 0);
 }
 
@@ -117,7 +129,11 @@ async fn read_numbered(sub: &mut RespClient, total: u64, mut on_other: impl FnMu
             continue;
         }
         assert_eq!(items[1], bulk("numbers"));
-        assert_eq!(items[2], bulk(&next.to_string()), "lost, duplicated or reordered");
+        assert_eq!(
+            items[2],
+            bulk(&next.to_string()),
+            "lost, duplicated or reordered"
+        );
         next += 1;
     }
 }
@@ -149,7 +165,11 @@ async fn a_resp2_subscriber_gets_every_message_exactly_once_across_many_refreshe
     let mut pongs = 0;
     sub.send(&["PING"]).await;
     read_numbered(&mut sub, total, |other| {
-        assert_eq!(other, Value::Array(vec![bulk("pong"), bulk("")]), "RESP2 subscribed PING");
+        assert_eq!(
+            other,
+            Value::Array(vec![bulk("pong"), bulk("")]),
+            "RESP2 subscribed PING"
+        );
         pongs += 1;
     })
     .await;
@@ -161,7 +181,9 @@ async fn a_resp2_subscriber_gets_every_message_exactly_once_across_many_refreshe
     // Still RESP2 subscribed mode as the client knows it.
     let refused = sub.cmd(&["GET", "x"]).await;
     assert!(
-        refused.error().is_some_and(|e| e.contains("Can't execute 'get'")),
+        refused
+            .error()
+            .is_some_and(|e| e.contains("Can't execute 'get'")),
         "{refused:?}"
     );
     assert_eq!(
@@ -225,9 +247,16 @@ async fn reset_is_followed_by_authentication_and_the_configured_database() {
     assert_eq!(c.cmd(&["RESET"]).await, Value::simple("RESET"));
     // Without the proxy's AUTH after RESET this would be NOAUTH; without SELECT, db 0.
     assert!(c.cmd(&["SET", "after-reset", "1"]).await.is_ok());
-    let info = c.cmd(&["CLIENT", "INFO"]).await.as_str().expect("CLIENT INFO");
+    let info = c
+        .cmd(&["CLIENT", "INFO"])
+        .await
+        .as_str()
+        .expect("CLIENT INFO");
     assert!(has_field(&info, "db=3"), "{info}");
-    assert!(info.split_whitespace().any(|f| f.starts_with("user=tok-")), "{info}");
+    assert!(
+        info.split_whitespace().any(|f| f.starts_with("user=tok-")),
+        "{info}"
+    );
     assert!(has_field(&info, "resp=2"), "{info}");
     // And the connection keeps being re-authenticated afterwards.
     wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
@@ -240,11 +269,26 @@ async fn hello_with_auth_gets_the_proxy_credential_and_switches_protocol() {
     let mut c = RespClient::connect(proxy.addr()).await;
     let accepted = setup.front().auth_accepted();
     let hello = c
-        .cmd(&["HELLO", "3", "AUTH", "legacy-user", "old-password", "SETNAME", "app"])
+        .cmd(&[
+            "HELLO",
+            "3",
+            "AUTH",
+            "legacy-user",
+            "old-password",
+            "SETNAME",
+            "app",
+        ])
         .await;
     assert_eq!(hello.map_get("proto"), Some(&Value::Int(3)), "{hello:?}");
-    assert!(setup.front().auth_accepted() > accepted, "the HELLO carried a token");
-    let info = c.cmd(&["CLIENT", "INFO"]).await.as_str().expect("CLIENT INFO");
+    assert!(
+        setup.front().auth_accepted() > accepted,
+        "the HELLO carried a token"
+    );
+    let info = c
+        .cmd(&["CLIENT", "INFO"])
+        .await
+        .as_str()
+        .expect("CLIENT INFO");
     assert!(has_field(&info, "name=app"), "{info}");
     assert!(has_field(&info, "resp=3"), "{info}");
     wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
@@ -306,7 +350,8 @@ async fn access_key_rotation_through_the_key_file() {
 async fn inline_commands_are_relayed() {
     let (_setup, proxy) = entra().await;
     let mut c = RespClient::connect(proxy.addr()).await;
-    c.send_raw(b"SET inline \"a b\"\r\nGET inline\r\nPING\r\n").await;
+    c.send_raw(b"SET inline \"a b\"\r\nGET inline\r\nPING\r\n")
+        .await;
     assert!(c.read().await.is_ok());
     assert_eq!(c.read().await, bulk("a b"));
     assert_eq!(c.read().await, Value::simple("PONG"));
@@ -325,4 +370,91 @@ async fn client_auth_is_answered_locally_and_never_reaches_the_server() {
     assert_eq!(setup.front().auth_rejected(), rejected, "{events:#?}");
     assert!(events.iter().all(|e| e.user != "someone"), "{events:#?}");
     let _ = accepted;
+}
+
+#[tokio::test]
+async fn a_client_blocked_longer_than_a_token_lives_stays_blocked_and_gets_its_reply() {
+    let (setup, proxy) = entra().await;
+    let mut blocked = RespClient::connect(proxy.addr()).await;
+    let id = client_id(&mut blocked).await;
+    // Pipelined behind the blocking command: must run after it, as without the proxy.
+    blocked
+        .send_raw(b"*3\r\n$5\r\nBLPOP\r\n$4\r\njobs\r\n$1\r\n0\r\n*1\r\n$4\r\nPING\r\n")
+        .await;
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 3).await;
+    blocked.expect_silence(Duration::from_millis(100)).await;
+    let mut producer = RespClient::connect(proxy.addr()).await;
+    assert_eq!(
+        producer.cmd(&["LPUSH", "jobs", "job-1"]).await,
+        Value::Int(1)
+    );
+    assert_eq!(
+        blocked.read().await,
+        Value::Array(vec![bulk("jobs"), bulk("job-1")])
+    );
+    assert_eq!(blocked.read().await, Value::simple("PONG"));
+    assert_eq!(client_id(&mut blocked).await, id);
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+    assert_eq!(
+        producer.cmd(&["LLEN", "jobs"]).await,
+        Value::Int(0),
+        "popped exactly once"
+    );
+}
+
+#[tokio::test]
+async fn a_finite_blocking_timeout_longer_than_a_token_is_honoured() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let start = Instant::now();
+    let reply = c.cmd(&["BRPOP", "nothing-here", "5"]).await;
+    let waited = start.elapsed();
+    assert_eq!(reply, Value::Nil, "the timeout reply the client asked for");
+    assert!(
+        waited >= Duration::from_secs(5),
+        "returned early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(8), "returned late: {waited:?}");
+    // BLMOVE across a refresh moves exactly one element.
+    let mut other = RespClient::connect(proxy.addr()).await;
+    c.send(&["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0"])
+        .await;
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
+    assert_eq!(other.cmd(&["RPUSH", "src", "a"]).await, Value::Int(1));
+    assert_eq!(c.read().await, bulk("a"));
+    assert_eq!(
+        other.cmd(&["LRANGE", "dst", "0", "-1"]).await,
+        Value::Array(vec![bulk("a")])
+    );
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+}
+
+#[tokio::test]
+async fn a_consumer_group_reader_blocked_across_refreshes_gets_its_entry() {
+    let (setup, proxy) = entra().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    assert!(
+        c.cmd(&["XGROUP", "CREATE", "events", "g", "$", "MKSTREAM"])
+            .await
+            .is_ok()
+    );
+    c.send(&[
+        "XREADGROUP",
+        "GROUP",
+        "g",
+        "c1",
+        "BLOCK",
+        "0",
+        "STREAMS",
+        "events",
+        ">",
+    ])
+    .await;
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
+    let mut producer = RespClient::connect(proxy.addr()).await;
+    let id = producer.cmd(&["XADD", "events", "*", "n", "1"]).await;
+    let reply = c.read().await;
+    let text = format!("{reply:?}");
+    assert!(text.contains(&id.as_str().expect("id")), "{text}");
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
 }

@@ -48,9 +48,10 @@ impl BlockingCall {
         let args: Vec<Vec<u8>> = args.map(<[u8]>::to_vec).collect();
         let name = args.first()?.to_ascii_uppercase();
         let (slot, unit) = match name.as_slice() {
-            b"BLPOP" | b"BRPOP" | b"BZPOPMIN" | b"BZPOPMAX" | b"BRPOPLPUSH" | b"BLMOVE" => {
-                (args.len().checked_sub(1).filter(|&i| i >= 2)?, Unit::Seconds)
-            }
+            b"BLPOP" | b"BRPOP" | b"BZPOPMIN" | b"BZPOPMAX" | b"BRPOPLPUSH" | b"BLMOVE" => (
+                args.len().checked_sub(1).filter(|&i| i >= 2)?,
+                Unit::Seconds,
+            ),
             b"BLMPOP" | b"BZMPOP" => (1, Unit::Seconds),
             b"WAIT" => (2, Unit::Millis),
             b"XREAD" | b"XREADGROUP" => (stream_block_slot(&args)?, Unit::Millis),
@@ -75,7 +76,9 @@ impl BlockingCall {
     /// past the client's own deadline). `None` when the client's time is up.
     pub fn encode(&mut self, slice: Duration, now: Instant) -> Bytes {
         let left = self.deadline.map(|d| d.saturating_duration_since(now));
-        let slice = left.map_or(slice, |l| l.min(slice)).max(Duration::from_millis(1));
+        let slice = left
+            .map_or(slice, |l| l.min(slice))
+            .max(Duration::from_millis(1));
         let value = match self.unit {
             Unit::Seconds => format!("{:.3}", slice.as_secs_f64()),
             Unit::Millis => slice.as_millis().to_string(),
@@ -116,7 +119,9 @@ pub fn slice_for(expires_at: std::time::SystemTime) -> Duration {
 /// `XREAD`/`XREADGROUP`: the argument after `BLOCK` (before `STREAMS`). Not sliced when an id
 /// is `$`, which would mean "newer than now" again at each re-issue.
 fn stream_block_slot(args: &[Vec<u8>]) -> Option<usize> {
-    let streams = args.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS"))?;
+    let streams = args
+        .iter()
+        .position(|a| a.eq_ignore_ascii_case(b"STREAMS"))?;
     let block = args[..streams]
         .iter()
         .position(|a| a.eq_ignore_ascii_case(b"BLOCK"))?;
@@ -154,7 +159,10 @@ mod tests {
     #[test]
     fn slices_an_infinite_blpop() {
         let mut c = call(&["BLPOP", "a", "b", "0"]).unwrap();
-        assert_eq!(sent(&mut c, Duration::from_millis(1500)), ["BLPOP", "a", "b", "1.500"]);
+        assert_eq!(
+            sent(&mut c, Duration::from_millis(1500)),
+            ["BLPOP", "a", "b", "1.500"]
+        );
         assert!(c.should_reissue(b"*-1\r\n", Instant::now()));
         assert!(c.should_reissue(b"_\r\n", Instant::now()));
         assert!(!c.should_reissue(b"*2\r\n$1\r\na\r\n$1\r\nx\r\n", Instant::now()));
@@ -167,19 +175,60 @@ mod tests {
         let t: f64 = args[3].parse().unwrap();
         assert!(t <= 0.2 && t > 0.0, "{t}");
         let later = Instant::now() + Duration::from_millis(300);
-        assert!(!c.should_reissue(b"$-1\r\n", later), "the client's timeout passed");
+        assert!(
+            !c.should_reissue(b"$-1\r\n", later),
+            "the client's timeout passed"
+        );
     }
 
     #[test]
     fn finds_timeouts_in_every_shape() {
-        assert_eq!(sent(&mut call(&["BLMPOP", "0", "1", "k", "LEFT"]).unwrap(), Duration::from_secs(1))[1], "1.000");
-        assert_eq!(sent(&mut call(&["WAIT", "1", "0"]).unwrap(), Duration::from_secs(2))[2], "2000");
-        let x = sent(&mut call(&["XREADGROUP", "GROUP", "g", "c", "BLOCK", "0", "STREAMS", "s", ">"]).unwrap(), Duration::from_secs(1));
+        assert_eq!(
+            sent(
+                &mut call(&["BLMPOP", "0", "1", "k", "LEFT"]).unwrap(),
+                Duration::from_secs(1)
+            )[1],
+            "1.000"
+        );
+        assert_eq!(
+            sent(
+                &mut call(&["WAIT", "1", "0"]).unwrap(),
+                Duration::from_secs(2)
+            )[2],
+            "2000"
+        );
+        let x = sent(
+            &mut call(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">",
+            ])
+            .unwrap(),
+            Duration::from_secs(1),
+        );
         assert_eq!(x[5], "1000");
-        assert!(call(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).is_none(), "$ is not sliced");
-        assert!(call(&["XREAD", "STREAMS", "s", "0"]).is_none(), "no BLOCK: not blocking");
-        assert!(call(&["BLPOP", "k", "-1"]).is_none(), "negative: Redis refuses it");
-        assert!(call(&["BLPOP", "0"]).is_none(), "arity error: forwarded for Redis to refuse");
+        assert!(
+            call(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]).is_none(),
+            "$ is not sliced"
+        );
+        assert!(
+            call(&["XREAD", "STREAMS", "s", "0"]).is_none(),
+            "no BLOCK: not blocking"
+        );
+        assert!(
+            call(&["BLPOP", "k", "-1"]).is_none(),
+            "negative: Redis refuses it"
+        );
+        assert!(
+            call(&["BLPOP", "0"]).is_none(),
+            "arity error: forwarded for Redis to refuse"
+        );
         assert!(call(&["GET", "k"]).is_none());
     }
 

@@ -120,12 +120,18 @@ mod tests {
         assert_eq!(Command::classify(b"auth"), Command::Auth);
         assert_eq!(Command::classify(b"Exec"), Command::EndTransaction);
         assert_eq!(Command::classify(b"GET"), Command::Other);
-        assert_eq!(Command::classify(b"punsubscribe"), Command::Unsubscribe(SubKind::Pattern));
+        assert_eq!(
+            Command::classify(b"punsubscribe"),
+            Command::Unsubscribe(SubKind::Pattern)
+        );
     }
 
     #[test]
     fn confirmation_names_round_trip() {
-        assert_eq!(parse_confirmation(b"sunsubscribe"), Some((SubKind::Shard, false)));
+        assert_eq!(
+            parse_confirmation(b"sunsubscribe"),
+            Some((SubKind::Shard, false))
+        );
         assert_eq!(parse_confirmation(b"message"), None);
     }
 }

@@ -14,4 +14,3 @@ pub mod session;
 
 pub use resp::encode_command;
 pub use session::{RelayContext, Session, SessionEnd};
-

@@ -165,7 +165,9 @@ impl Scanner {
             return Ok(false);
         }
         if &rest[..2] != b"\r\n" {
-            return Err(ProtocolError("Protocol error: bulk string not followed by CRLF"));
+            return Err(ProtocolError(
+                "Protocol error: bulk string not followed by CRLF",
+            ));
         }
         self.scanned += 2;
         self.crlf_pending = false;
@@ -234,7 +236,9 @@ impl Scanner {
                     self.crlf_pending = true;
                     Ok(false)
                 }
-                _ => Err(ProtocolError("Protocol error: invalid bulk length in reply")),
+                _ => Err(ProtocolError(
+                    "Protocol error: invalid bulk length in reply",
+                )),
             },
             b'*' | b'~' | b'>' => self.open_reply(line, 1, false),
             b'%' => self.open_reply(line, 2, false),
@@ -243,13 +247,20 @@ impl Scanner {
         }
     }
 
-    fn open_reply(&mut self, line: &[u8], per: u64, attribute: bool) -> Result<bool, ProtocolError> {
+    fn open_reply(
+        &mut self,
+        line: &[u8],
+        per: u64,
+        attribute: bool,
+    ) -> Result<bool, ProtocolError> {
         match parse_len(line) {
             Some(-1) => Ok(self.element_done()),
             Some(n) if (0..=MAX_REPLY_ELEMENTS as i64).contains(&n) => {
                 self.open(n * per as i64, attribute)
             }
-            _ => Err(ProtocolError("Protocol error: invalid aggregate length in reply")),
+            _ => Err(ProtocolError(
+                "Protocol error: invalid aggregate length in reply",
+            )),
         }
     }
 
@@ -390,7 +401,9 @@ fn read_header(buf: &[u8], pos: usize) -> Option<(i64, usize)> {
 /// The top-level elements of a complete, flat reply aggregate (a push or an array of scalars):
 /// `(type byte, payload)` for each, without copying.
 pub fn reply_elements(frame: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
-    let mut pos = read_header(frame, 0).map(|(_, next)| next).unwrap_or(frame.len());
+    let mut pos = read_header(frame, 0)
+        .map(|(_, next)| next)
+        .unwrap_or(frame.len());
     std::iter::from_fn(move || {
         let ty = *frame.get(pos)?;
         let (line_end, value) = match ty {
@@ -495,7 +508,10 @@ mod tests {
     #[test]
     fn delimits_pipelined_commands() {
         let input = b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n";
-        assert_eq!(frames(Grammar::Request, input).unwrap(), vec![(14, b'*'), (31, b'*')]);
+        assert_eq!(
+            frames(Grammar::Request, input).unwrap(),
+            vec![(14, b'*'), (31, b'*')]
+        );
     }
 
     #[test]
@@ -537,13 +553,23 @@ mod tests {
         }
         let mut tail = vec![b'x'; 200_000];
         tail.extend_from_slice(b"\r\n");
-        assert_eq!(s.scan(&tail).unwrap(), Some(Frame { len: tail.len(), kind: b'*' }));
+        assert_eq!(
+            s.scan(&tail).unwrap(),
+            Some(Frame {
+                len: tail.len(),
+                kind: b'*'
+            })
+        );
     }
 
     #[test]
     fn delimits_resp3_replies_pushes_and_attributes() {
         let input: &[u8] = b"+OK\r\n%1\r\n+a\r\n:1\r\n>3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n|1\r\n+k\r\n+v\r\n:5\r\n_\r\n*-1\r\n$-1\r\n*2\r\n*1\r\n:1\r\n~0\r\n";
-        let kinds: Vec<u8> = frames(Grammar::Reply, input).unwrap().iter().map(|f| f.1).collect();
+        let kinds: Vec<u8> = frames(Grammar::Reply, input)
+            .unwrap()
+            .iter()
+            .map(|f| f.1)
+            .collect();
         assert_eq!(kinds, b"+%>:_*$*".to_vec());
     }
 
@@ -558,7 +584,11 @@ mod tests {
             b"*x\r\n",
             b"*1\n",
         ] {
-            assert!(frames(Grammar::Request, bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                frames(Grammar::Request, bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(frames(Grammar::Request, &vec![b'a'; MAX_LINE + 1]).is_err());
         assert!(frames(Grammar::Reply, b"?x\r\n").is_err());
@@ -575,12 +605,18 @@ mod tests {
     fn reply_elements_of_a_push() {
         let f = b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n";
         let e: Vec<(u8, &[u8])> = reply_elements(f).collect();
-        assert_eq!(e, vec![(b'$', &b"subscribe"[..]), (b'$', b"ch"), (b':', b"1")]);
+        assert_eq!(
+            e,
+            vec![(b'$', &b"subscribe"[..]), (b'$', b"ch"), (b':', b"1")]
+        );
     }
 
     #[test]
     fn encode_and_inline_split() {
-        assert_eq!(&encode_command(&[b"AUTH", b"pw"])[..], b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n");
+        assert_eq!(
+            &encode_command(&[b"AUTH", b"pw"])[..],
+            b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n"
+        );
         assert_eq!(
             split_inline(b"set k \"a b\"\r\n").unwrap(),
             vec![b"set".to_vec(), b"k".to_vec(), b"a b".to_vec()]
@@ -594,11 +630,17 @@ mod tests {
         let input: &[u8] = b"*2\r\n$3\r\nfoo\r\n%1\r\n+a\r\n,1.5\r\n>2\r\n+x\r\n#t\r\n";
         let mut pos = 0;
         let mut theirs = Vec::new();
-        while let Some((_, len)) = redis_protocol::resp3::decode::complete::decode(&input[pos..]).unwrap() {
+        while let Some((_, len)) =
+            redis_protocol::resp3::decode::complete::decode(&input[pos..]).unwrap()
+        {
             theirs.push(len);
             pos += len;
         }
-        let ours: Vec<usize> = frames(Grammar::Reply, input).unwrap().iter().map(|f| f.0).collect();
+        let ours: Vec<usize> = frames(Grammar::Reply, input)
+            .unwrap()
+            .iter()
+            .map(|f| f.0)
+            .collect();
         assert_eq!(ours, theirs);
     }
 }

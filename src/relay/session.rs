@@ -18,7 +18,9 @@
 use super::blocking::{BlockingCall, slice_for};
 use super::command::{Command, parse_confirmation};
 use super::pending::{Owner, Pending, SubKind};
-use super::resp::{Args, Frame, Grammar, ProtocolError, Scanner, encode_command, reply_elements, split_inline};
+use super::resp::{
+    Args, Frame, Grammar, ProtocolError, Scanner, encode_command, reply_elements, split_inline,
+};
 use crate::credential::{AuthCredential, CredentialWatch};
 use crate::secret::Secret;
 use crate::upstream::{UpstreamStream, error_text, select_command};
@@ -414,7 +416,9 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
                 self.command(&encoded)
             }
             None => {
-                self.client_protocol_error(ProtocolError("Protocol error: unbalanced quotes in request"));
+                self.client_protocol_error(ProtocolError(
+                    "Protocol error: unbalanced quotes in request",
+                ));
                 true
             }
         }
@@ -535,10 +539,10 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
 
     /// When the token the connection runs on (or the one whose `AUTH` is queued) expires.
     fn token_expiry(&self) -> Option<std::time::SystemTime> {
-        if self.auth.in_flight {
-            if let Some(Owner::Auth { credential, .. }) = self.pending.any_auth() {
-                return credential.expires_at;
-            }
+        if self.auth.in_flight
+            && let Some(Owner::Auth { credential, .. }) = self.pending.any_auth()
+        {
+            return credential.expires_at;
         }
         self.auth.current.as_ref().and_then(|c| c.expires_at)
     }
@@ -687,7 +691,8 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
             self.auth.in_flight = true;
         }
         if self.ctx.database != 0 {
-            self.to_up.extend_from_slice(&select_command(self.ctx.database));
+            self.to_up
+                .extend_from_slice(&select_command(self.ctx.database));
             self.pending.push(Owner::Select);
         }
     }
@@ -695,7 +700,9 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
     /// `CLIENT REPLY ON|OFF|SKIP` changes which later commands get a reply.
     fn client_command(&mut self, frame: &[u8], mut args: Args<'_>) {
         let mode = match (args.remaining(), args.next(), args.next()) {
-            (2, Some(sub), Some(mode)) if sub.eq_ignore_ascii_case(b"REPLY") => parse_reply_mode(mode),
+            (2, Some(sub), Some(mode)) if sub.eq_ignore_ascii_case(b"REPLY") => {
+                parse_reply_mode(mode)
+            }
             _ => None,
         };
         let Some(mode) = mode.filter(|_| !self.req.in_multi) else {
@@ -760,10 +767,10 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
         let Some(newest) = self.credentials.borrow().current.clone() else {
             return;
         };
-        if let Some(current) = &self.auth.current {
-            if current.generation >= newest.generation {
-                return;
-            }
+        if let Some(current) = &self.auth.current
+            && current.generation >= newest.generation
+        {
+            return;
         }
         let replies_off = self.req.reply_mode == ReplyMode::Off;
         if replies_off {
@@ -791,14 +798,19 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
     ) -> Result<(), SessionEnd> {
         self.auth.in_flight = false;
         if frame.first() == Some(&b'+') {
-            tracing::debug!(conn = self.id, generation = credential.generation, "re-authenticated");
+            tracing::debug!(
+                conn = self.id,
+                generation = credential.generation,
+                "re-authenticated"
+            );
             self.auth.current = Some(credential);
             self.auth.backoff = REAUTH_RETRY_MIN;
             return Ok(());
         }
         let reason = error_text(frame);
         if required {
-            let line = format!("-ERR redis-entra-proxy: upstream authentication failed: {reason}\r\n");
+            let line =
+                format!("-ERR redis-entra-proxy: upstream authentication failed: {reason}\r\n");
             self.to_client.extend_from_slice(line.as_bytes());
             return Err(SessionEnd::AuthFailed(reason));
         }
@@ -923,7 +935,9 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
     /// a timestamp, never `+OK`, `+RESET` or an error.
     fn monitor_reply_is_ours(&self, frame: &[u8]) -> bool {
         match self.pending.head() {
-            Some(Owner::Auth { .. } | Owner::Select | Owner::ReplyOn) => frame == OK || is_error(frame),
+            Some(Owner::Auth { .. } | Owner::Select | Owner::ReplyOn) => {
+                frame == OK || is_error(frame)
+            }
             Some(Owner::ClientReset) => frame == b"+RESET\r\n",
             Some(Owner::ClientMonitor) => true,
             _ => false,
@@ -974,13 +988,13 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
             subscribe: s,
             remaining,
         }) = self.pending.head_mut()
+            && *k == kind
+            && *s == subscribe
         {
-            if *k == kind && *s == subscribe {
-                let left = remaining.get_or_insert(before.max(1));
-                *left = left.saturating_sub(1);
-                if *left == 0 {
-                    self.pending.pop();
-                }
+            let left = remaining.get_or_insert(before.max(1));
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.pending.pop();
             }
         }
     }
@@ -1017,14 +1031,17 @@ impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
                 );
             if !push && !client_owned {
                 if uin.len() >= MAX_HELD_REPLY {
-                    return Err(SessionEnd::UpstreamProtocol("proxy-owned reply too large".into()));
+                    return Err(SessionEnd::UpstreamProtocol(
+                        "proxy-owned reply too large".into(),
+                    ));
                 }
                 return Ok(());
             }
-            if !push && !self.rep.monitor {
-                if let Some(Owner::Blocking(_)) = self.pending.pop() {
-                    self.req.blocked = false;
-                }
+            if !push
+                && !self.rep.monitor
+                && let Some(Owner::Blocking(_)) = self.pending.pop()
+            {
+                self.req.blocked = false;
             }
             self.rep.streaming = true;
             if push && self.rep.client_proto_is_2 {
@@ -1068,7 +1085,11 @@ async fn sleep_until(at: Option<Instant>) {
 fn same_secret(given: &[u8], expected: &Secret) -> bool {
     let expected = expected.expose().as_bytes();
     given.len() == expected.len()
-        && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn parse_reply_mode(mode: &[u8]) -> Option<ReplyMode> {
