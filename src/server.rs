@@ -57,7 +57,9 @@ enum Listener {
 pub async fn run(config: Config) -> Result<(), ServerError> {
     tracing::info!(config = %config.describe(), "starting redis-entra-proxy");
     if !config.tls {
-        tracing::warn!("TLS to the upstream is disabled (--tls false): credentials travel in clear text");
+        tracing::warn!(
+            "TLS to the upstream is disabled (--tls false): credentials travel in clear text"
+        );
     }
     let stop_credentials = CancellationToken::new();
     let credentials = CredentialManager::start(&config, stop_credentials.clone())?;
@@ -71,7 +73,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             authenticate: credentials.mode() != AuthKind::None,
         }),
         credentials,
-        slots: (config.max_connections > 0).then(|| Arc::new(Semaphore::new(config.max_connections))),
+        slots: (config.max_connections > 0)
+            .then(|| Arc::new(Semaphore::new(config.max_connections))),
         max_connections: config.max_connections,
         connect_timeout: config.connect_timeout,
         close_sessions: CancellationToken::new(),
@@ -91,8 +94,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         grace = ?config.shutdown_grace,
         "listener closed; waiting for live connections to finish"
     );
-    if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
-        tracing::info!(live = tracker.len(), "shutdown grace over; closing live connections");
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            live = tracker.len(),
+            "shutdown grace over; closing live connections"
+        );
         shared.close_sessions.cancel();
         tracker.wait().await;
     }
@@ -117,7 +126,10 @@ async fn watch_signals(stop_accepting: CancellationToken, delay: Duration) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -137,7 +149,9 @@ async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
         source,
     };
     let listener = match addr {
-        ListenAddr::Tcp(a) => Listener::Tcp(TcpListener::bind(a.as_str()).await.map_err(bind_error)?),
+        ListenAddr::Tcp(a) => {
+            Listener::Tcp(TcpListener::bind(a.as_str()).await.map_err(bind_error)?)
+        }
         ListenAddr::Unix(path) => {
             remove_stale_socket(path);
             Listener::Unix(UnixListener::bind(path).map_err(bind_error)?, path.clone())
@@ -178,7 +192,11 @@ async fn accept_loop(
     }
 }
 
-async fn accept(listener: &Listener, shared: &Arc<Shared>, tracker: &TaskTracker) -> std::io::Result<()> {
+async fn accept(
+    listener: &Listener,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+) -> std::io::Result<()> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, _) = l.accept().await?;
@@ -200,12 +218,19 @@ where
 {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let Some(_permit) = take_slot(&shared) else {
-        let reason = format!("too many connections (--max-connections {})", shared.max_connections);
+        let reason = format!(
+            "too many connections (--max-connections {})",
+            shared.max_connections
+        );
         tracing::warn!(conn = id, "{reason}");
         return reject(client, &reason).await;
     };
     let credential = if shared.relay.authenticate {
-        match shared.credentials.wait_current(shared.connect_timeout).await {
+        match shared
+            .credentials
+            .wait_current(shared.connect_timeout)
+            .await
+        {
             Ok(c) => Some(c),
             Err(e) => {
                 let reason = format!("no credential for the upstream: {e}");
@@ -246,12 +271,13 @@ fn take_slot(shared: &Shared) -> Option<Option<OwnedSemaphorePermit>> {
 /// Tells a client why it can't be served (one RESP error), then closes. Input it already sent
 /// is read and dropped briefly so the close doesn't turn into a reset that hides the error.
 async fn reject<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, reason: &str) {
-    let line = format!("-ERR redis-entra-proxy: {}\r\n", reason.replace(['\r', '\n'], " "));
+    let line = format!(
+        "-ERR redis-entra-proxy: {}\r\n",
+        reason.replace(['\r', '\n'], " ")
+    );
     let _ = client.write_all(line.as_bytes()).await;
     let _ = client.shutdown().await;
     let mut sink = [0u8; 1024];
-    let drain = async {
-        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
-    };
+    let drain = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }

@@ -129,7 +129,10 @@ impl Upstream {
                     config.tls_server_name
                 ))
             })?;
-            Some((TlsConnector::from(Arc::new(client_config(config)?)), server_name))
+            Some((
+                TlsConnector::from(Arc::new(client_config(config)?)),
+                server_name,
+            ))
         } else {
             None
         };
@@ -247,12 +250,17 @@ fn client_config(config: &Config) -> Result<rustls::ClientConfig, ConfigError> {
         }
         for cert in certs {
             roots.add(cert).map_err(|e| {
-                ConfigError(format!("--ca-file {}: unusable certificate: {e}", path.display()))
+                ConfigError(format!(
+                    "--ca-file {}: unusable certificate: {e}",
+                    path.display()
+                ))
             })?;
         }
     }
     if roots.is_empty() {
-        tracing::warn!("no trusted CA certificates found: install ca-certificates or set --ca-file");
+        tracing::warn!(
+            "no trusted CA certificates found: install ca-certificates or set --ca-file"
+        );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -268,7 +276,10 @@ pub fn select_command(db: u32) -> Bytes {
 
 /// Writes `commands` and reads one reply per command (small replies only: the handshake and
 /// `check`). Replies are returned whole, RESP-encoded.
-pub async fn roundtrip<S>(stream: &mut S, commands: &[Bytes]) -> Result<Vec<BytesMut>, UpstreamError>
+pub async fn roundtrip<S>(
+    stream: &mut S,
+    commands: &[Bytes],
+) -> Result<Vec<BytesMut>, UpstreamError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
