@@ -928,24 +928,16 @@ fn upstream(
     lookup: &Lookup,
     cs: &ConnectionString,
 ) -> Result<(String, u16), ConfigError> {
-    let (host, own_port, fallback_port) = match lookup.get(flag, UPSTREAM) {
-        Some(given) => {
+    let (host, own_port, fallback_port) = match (lookup.get(flag, UPSTREAM), &cs.host) {
+        (Some(given), _) => {
             let (host, port) = given.parse_or_explain(
                 parse_upstream,
                 "HOST[:PORT], e.g. mycache.redis.cache.windows.net:6380",
             )?;
             (host, port, None)
         }
-        None => match &cs.host {
-            Some(host) => (host.clone(), None, cs.port),
-            None => {
-                return Err(ConfigError(
-                    "no upstream: set --upstream HOST[:PORT] or AZURE_REDIS_HOST, or a \
-                         connection string (--connection-string or AZURE_REDIS_CONNECTIONSTRING)"
-                        .to_string(),
-                ));
-            }
-        },
+        (None, Some(host)) => (host.clone(), None, cs.port),
+        (None, None) => return Err(no_upstream()),
     };
     let env_port = lookup
         .var("AZURE_REDIS_PORT")
@@ -956,6 +948,15 @@ fn upstream(
         .or(fallback_port)
         .unwrap_or(DEFAULT_PORT);
     Ok((host, port))
+}
+
+/// The error when nothing names the cache.
+fn no_upstream() -> ConfigError {
+    ConfigError(
+        "no upstream: set --upstream HOST[:PORT] or AZURE_REDIS_HOST, or a connection string \
+         (--connection-string or AZURE_REDIS_CONNECTIONSTRING)"
+            .to_string(),
+    )
 }
 
 /// An upstream `HOST[:PORT]`: port 0 can't be dialled.

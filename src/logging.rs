@@ -19,7 +19,11 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A failed write is reported on stderr with `eprintln!`, which panics when stderr is
+        // the thing that failed (a closed pipe): the panic kills whichever task was logging,
+        // e.g. the one that handles SIGTERM. Losing a log line is the lesser harm.
+        .log_internal_errors(false);
     let installed = match format {
         LogFormat::Text => builder.try_init().is_ok(),
         LogFormat::Json => builder.json().flatten_event(true).try_init().is_ok(),

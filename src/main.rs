@@ -6,6 +6,7 @@
 
 use redis_entra_proxy::config::{self, Command, Config, LogFormat};
 use redis_entra_proxy::{check, logging, server};
+use std::io::Write;
 use std::process::ExitCode;
 
 /// Exit status of a configuration or usage error.
@@ -15,20 +16,20 @@ fn main() -> ExitCode {
     let command = match config::parse_command() {
         Ok(command) => command,
         Err(err) => {
-            eprintln!("{err}");
+            write_or_ignore(&mut std::io::stderr(), &format!("{err}\n"));
             return ExitCode::from(CONFIG_ERROR);
         }
     };
     match command {
         Command::Help(text) => {
-            print!("{text}");
+            write_or_ignore(&mut std::io::stdout(), &text);
             ExitCode::SUCCESS
         }
         Command::Run(config) => run(config, run_proxy),
         Command::Check(config) => run(config, run_check),
         Command::Wait { .. } | Command::Shutdown { .. } => {
             logging::init(LogFormat::Text);
-            eprintln!("redis-entra-proxy: 'wait' and 'shutdown' are not implemented yet");
+            tracing::error!("'wait' and 'shutdown' are not implemented yet");
             ExitCode::from(CONFIG_ERROR)
         }
     }
@@ -76,4 +77,11 @@ async fn run_check(config: Config) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Writes `text`, ignoring a closed pipe (`redis-entra-proxy --help | head`): `print!` would
+/// panic there and turn a clean exit into status 101.
+fn write_or_ignore(out: &mut impl Write, text: &str) {
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
