@@ -469,7 +469,12 @@ async fn a_monitor_feed_survives_refreshes_without_showing_the_proxys_auth() {
     let mut n = 0;
     while setup.front().tokens_expired() < expired_before + 2 {
         n += 1;
-        assert!(worker.cmd(&["SET", "watched", &n.to_string()]).await.is_ok());
+        assert!(
+            worker
+                .cmd(&["SET", "watched", &n.to_string()])
+                .await
+                .is_ok()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Every SET shows in the feed, in order; no `+OK` of an injected AUTH, no token.
@@ -478,7 +483,10 @@ async fn a_monitor_feed_survives_refreshes_without_showing_the_proxys_auth() {
         let line = monitor.read().await.as_str().expect("a feed line");
         assert_ne!(line, "OK", "an injected AUTH's reply leaked into the feed");
         for token in setup.issuer.history() {
-            assert!(!line.contains(&token), "a token appeared in the feed: {line}");
+            assert!(
+                !line.contains(&token),
+                "a token appeared in the feed: {line}"
+            );
         }
         if line.contains("\"SET\" \"watched\"") {
             seen += 1;
@@ -501,13 +509,19 @@ async fn resp3_tracking_invalidations_are_not_mistaken_for_replies() {
         round += 1;
         let value = round.to_string();
         assert!(writer.cmd(&["SET", "tracked", &value]).await.is_ok());
-        assert_eq!(c.cmd(&["GET", "tracked"]).await, bulk(&value), "replies stay aligned");
+        assert_eq!(
+            c.cmd(&["GET", "tracked"]).await,
+            bulk(&value),
+            "replies stay aligned"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(writer.cmd(&["SET", "tracked", "last"]).await.is_ok());
     assert_eq!(c.cmd(&["GET", "tracked"]).await, bulk("last"));
     assert!(
-        c.pushes.iter().any(|p| format!("{p:?}").contains("invalidate")),
+        c.pushes
+            .iter()
+            .any(|p| format!("{p:?}").contains("invalidate")),
         "invalidation pushes reach the client"
     );
     assert_eq!(setup.front().connections_closed_by_server(), 0);

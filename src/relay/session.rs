@@ -170,14 +170,15 @@ struct AuthState {
     backoff: Duration,
 }
 
-/// One relayed client connection.
-pub struct Session<C> {
+/// One relayed client connection. `U` is the upstream stream: TLS in production, an in-memory
+/// pipe in the unit tests that script both sides.
+pub struct Session<C, U = UpstreamStream> {
     id: u64,
     ctx: Arc<RelayContext>,
     client_rd: ReadHalf<C>,
     client_wr: WriteHalf<C>,
-    up_rd: ReadHalf<UpstreamStream>,
-    up_wr: WriteHalf<UpstreamStream>,
+    up_rd: ReadHalf<U>,
+    up_wr: WriteHalf<U>,
     /// Client bytes not yet handled.
     cin: BytesMut,
     /// Upstream bytes not yet handled.
@@ -197,13 +198,17 @@ pub struct Session<C> {
     credentials: CredentialWatch,
 }
 
-impl<C: AsyncRead + AsyncWrite + Send + 'static> Session<C> {
+impl<C, U> Session<C, U>
+where
+    C: AsyncRead + AsyncWrite + Send + 'static,
+    U: AsyncRead + AsyncWrite + Send + 'static,
+{
     /// A session over an accepted client and its authenticated upstream connection.
     pub fn new(
         id: u64,
         ctx: Arc<RelayContext>,
         client: C,
-        upstream: UpstreamStream,
+        upstream: U,
         authenticated_with: Option<Arc<AuthCredential>>,
         credentials: CredentialWatch,
     ) -> Self {
@@ -1159,6 +1164,253 @@ fn push_as_resp2(frame: &[u8], out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credential::CredentialState;
+    use std::time::SystemTime;
+    use tokio::io::{DuplexStream, duplex};
+    use tokio::sync::watch;
+
+    /// A session between a scripted application (`client`) and a scripted server (`server`).
+    struct Harness {
+        client: DuplexStream,
+        server: DuplexStream,
+        server_buf: BytesMut,
+        credentials: watch::Sender<CredentialState>,
+        _task: tokio::task::JoinHandle<SessionEnd>,
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+    const QUIET: Duration = Duration::from_millis(150);
+
+    fn credential(generation: u64) -> Arc<AuthCredential> {
+        Arc::new(AuthCredential::new(
+            Some("oid".into()),
+            Secret::new(format!("token-{generation}")),
+            Some(SystemTime::now() + Duration::from_secs(3600)),
+            generation,
+        ))
+    }
+
+    fn start(listen_password: Option<&str>) -> Harness {
+        let (client, proxy_client) = duplex(1 << 16);
+        let (proxy_upstream, server) = duplex(1 << 16);
+        let first = credential(1);
+        let (credentials, watch) = watch::channel(CredentialState {
+            current: Some(first.clone()),
+            last_error: None,
+        });
+        let ctx = Arc::new(RelayContext {
+            database: 0,
+            listen_password: listen_password.map(Secret::new),
+            authenticate: true,
+        });
+        let session = Session::new(1, ctx, proxy_client, proxy_upstream, Some(first), watch);
+        Harness {
+            client,
+            server,
+            server_buf: BytesMut::new(),
+            credentials,
+            _task: tokio::spawn(session.run(CancellationToken::new())),
+        }
+    }
+
+    fn cmd(args: &[&str]) -> Bytes {
+        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        encode_command(&refs)
+    }
+
+    impl Harness {
+        async fn client_sends(&mut self, commands: &[&[&str]]) {
+            for c in commands {
+                self.client.write_all(&cmd(c)).await.unwrap();
+            }
+        }
+
+        /// The server receives exactly these commands next.
+        async fn server_gets(&mut self, expected: &[&[&str]]) {
+            for want in expected {
+                let got = tokio::time::timeout(WAIT, self.next_server_command())
+                    .await
+                    .unwrap_or_else(|_| panic!("server waited for {want:?}"));
+                assert_eq!(got, *want);
+            }
+        }
+
+        async fn next_server_command(&mut self) -> Vec<String> {
+            loop {
+                let mut scanner = Scanner::new(Grammar::Request);
+                if let Some(frame) = scanner.scan(&self.server_buf).unwrap() {
+                    let frame = self.server_buf.split_to(frame.len);
+                    return Args::new(&frame)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                }
+                assert!(self.server.read_buf(&mut self.server_buf).await.unwrap() > 0);
+            }
+        }
+
+        async fn server_quiet(&mut self) {
+            let read = tokio::time::timeout(QUIET, self.server.read_buf(&mut self.server_buf));
+            assert!(
+                read.await.is_err() && self.server_buf.is_empty(),
+                "{:?}",
+                self.server_buf
+            );
+        }
+
+        async fn server_replies(&mut self, raw: &[u8]) {
+            self.server.write_all(raw).await.unwrap();
+        }
+
+        /// The client receives exactly these bytes next.
+        async fn client_gets(&mut self, raw: &[u8]) {
+            let mut got = vec![0; raw.len()];
+            tokio::time::timeout(WAIT, self.client.read_exact(&mut got))
+                .await
+                .expect("client waited")
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(raw));
+        }
+
+        async fn client_quiet(&mut self) {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(QUIET, self.client.read(&mut byte));
+            assert!(
+                read.await.is_err(),
+                "unexpected byte {byte:?} for the client"
+            );
+        }
+
+        fn rotate(&self, generation: u64) {
+            self.credentials.send_replace(CredentialState {
+                current: Some(credential(generation)),
+                last_error: None,
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn injected_auth_waits_for_exec_and_its_reply_is_consumed() {
+        let mut h = start(None);
+        h.client_sends(&[&["MULTI"], &["SET", "k", "v"]]).await;
+        h.server_gets(&[&["MULTI"], &["SET", "k", "v"]]).await;
+        h.server_replies(b"+OK\r\n+QUEUED\r\n").await;
+        h.client_gets(b"+OK\r\n+QUEUED\r\n").await;
+        h.rotate(2);
+        h.server_quiet().await; // no AUTH inside the transaction
+        h.client_sends(&[&["EXEC"]]).await;
+        h.server_gets(&[&["EXEC"], &["AUTH", "oid", "token-2"]])
+            .await;
+        h.server_replies(b"*1\r\n+OK\r\n+OK\r\n").await;
+        h.client_gets(b"*1\r\n+OK\r\n").await;
+        h.client_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn auth_reply_is_taken_out_of_a_pipeline_in_order() {
+        let mut h = start(None);
+        h.client_sends(&[&["GET", "a"]]).await;
+        h.server_gets(&[&["GET", "a"]]).await;
+        h.rotate(2);
+        h.server_gets(&[&["AUTH", "oid", "token-2"]]).await;
+        h.client_sends(&[&["GET", "b"]]).await;
+        h.server_gets(&[&["GET", "b"]]).await;
+        h.server_replies(b"$1\r\n1\r\n+OK\r\n$1\r\n2\r\n").await;
+        h.client_gets(b"$1\r\n1\r\n$1\r\n2\r\n").await;
+        h.client_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn replies_off_wraps_auth_in_reply_on_and_off() {
+        let mut h = start(None);
+        h.client_sends(&[&["CLIENT", "REPLY", "OFF"]]).await;
+        h.server_gets(&[&["CLIENT", "REPLY", "OFF"]]).await;
+        h.rotate(2);
+        h.server_gets(&[
+            &["CLIENT", "REPLY", "ON"],
+            &["AUTH", "oid", "token-2"],
+            &["CLIENT", "REPLY", "OFF"],
+        ])
+        .await;
+        h.server_replies(b"+OK\r\n+OK\r\n").await;
+        h.client_quiet().await;
+        h.client_sends(&[&["CLIENT", "REPLY", "ON"]]).await;
+        h.server_gets(&[&["CLIENT", "REPLY", "ON"]]).await;
+        h.server_replies(b"+OK\r\n").await;
+        h.client_gets(b"+OK\r\n").await;
+    }
+
+    #[tokio::test]
+    async fn skip_defers_auth_until_the_skipped_command_is_sent() {
+        let mut h = start(None);
+        h.client_sends(&[&["CLIENT", "REPLY", "SKIP"]]).await;
+        h.server_gets(&[&["CLIENT", "REPLY", "SKIP"]]).await;
+        h.rotate(2);
+        h.server_quiet().await; // an AUTH now would have its reply skipped instead
+        h.client_sends(&[&["SET", "k", "v"]]).await;
+        h.server_gets(&[&["SET", "k", "v"], &["AUTH", "oid", "token-2"]])
+            .await;
+        h.server_replies(b"+OK\r\n").await; // the SET's reply is skipped by the server
+        h.client_sends(&[&["PING"]]).await;
+        h.server_gets(&[&["PING"]]).await;
+        h.server_replies(b"+PONG\r\n").await;
+        h.client_gets(b"+PONG\r\n").await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_reauth_is_invisible_and_retried() {
+        let mut h = start(None);
+        h.rotate(2);
+        h.server_gets(&[&["AUTH", "oid", "token-2"]]).await;
+        h.server_replies(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+            .await;
+        h.server_gets(&[&["AUTH", "oid", "token-2"]]).await; // after a short backoff
+        h.server_replies(b"+OK\r\n").await;
+        h.client_quiet().await;
+        h.rotate(3);
+        h.server_gets(&[&["AUTH", "oid", "token-3"]]).await;
+    }
+
+    #[tokio::test]
+    async fn client_auth_is_answered_locally_in_order() {
+        let mut h = start(None);
+        h.client_sends(&[&["GET", "a"], &["AUTH", "old-key"], &["GET", "b"]])
+            .await;
+        h.server_gets(&[&["GET", "a"], &["GET", "b"]]).await;
+        h.server_quiet().await;
+        h.server_replies(b"$1\r\n1\r\n$1\r\n2\r\n").await;
+        h.client_gets(b"$1\r\n1\r\n+OK\r\n$1\r\n2\r\n").await;
+    }
+
+    #[tokio::test]
+    async fn listen_password_gates_every_command() {
+        let mut h = start(Some("pw"));
+        h.client_sends(&[
+            &["GET", "a"],
+            &["AUTH", "wrong"],
+            &["AUTH", "default", "pw"],
+            &["GET", "a"],
+        ])
+        .await;
+        h.server_gets(&[&["GET", "a"]]).await;
+        h.server_replies(b"$-1\r\n").await;
+        h.client_gets(NOAUTH).await;
+        h.client_gets(WRONGPASS).await;
+        h.client_gets(b"+OK\r\n$-1\r\n").await;
+    }
+
+    #[tokio::test]
+    async fn malformed_input_is_answered_after_earlier_replies_then_closed() {
+        let mut h = start(None);
+        h.client_sends(&[&["GET", "a"]]).await;
+        h.client.write_all(b"*1\r\n$x\r\n").await.unwrap();
+        h.server_gets(&[&["GET", "a"]]).await;
+        h.server_replies(b"$1\r\n1\r\n").await;
+        h.client_gets(b"$1\r\n1\r\n-ERR Protocol error: invalid bulk length\r\n")
+            .await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, h.client.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok() && rest.is_empty(), "closed after the error");
+    }
 
     #[test]
     fn null_channel_becomes_null_bulk_for_resp2() {
