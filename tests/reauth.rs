@@ -526,3 +526,60 @@ async fn resp3_tracking_invalidations_are_not_mistaken_for_replies() {
     );
     assert_eq!(setup.front().connections_closed_by_server(), 0);
 }
+
+/// A live connection through each Entra credential kind outlives several tokens.
+async fn survives_with(setup: Setup) {
+    let proxy = setup.start_proxy().await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let id = client_id(&mut c).await;
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 3).await;
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    assert_eq!(client_id(&mut c).await, id);
+    assert_eq!(setup.front().connections_closed_by_server(), 0);
+}
+
+#[tokio::test]
+async fn workload_identity_tokens_keep_a_connection_alive() {
+    survives_with(Setup::entra_workload_identity(LIFETIME).await).await;
+}
+
+#[tokio::test]
+async fn client_secret_tokens_keep_a_connection_alive() {
+    survives_with(Setup::entra_client_secret(LIFETIME).await).await;
+}
+
+#[tokio::test]
+async fn a_fresh_token_is_fetched_even_when_the_identity_library_would_return_its_cached_one() {
+    // 400 s tokens sit outside azure_identity's 5-minute refresh window: asking the same
+    // credential again returns the cached token. --token-refresh-at 0.01 asks after 4 s.
+    let setup = Setup::entra_app_service(Duration::from_secs(400)).await;
+    let proxy = setup
+        .start_proxy_with(
+            &["--token-refresh-at", "0.01", "--reauth-margin", "3m"],
+            &[],
+        )
+        .await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let user_before = setup
+        .front()
+        .auth_events()
+        .last()
+        .and_then(|e| e.jti.clone());
+    assert!(
+        wait_until(Duration::from_secs(20), || setup.msi().tokens_served() >= 2).await,
+        "the endpoint was never asked for a new token"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || setup.front().auth_accepted()
+            >= 2)
+        .await,
+        "the live connection was not re-authenticated with the new token"
+    );
+    let user_after = setup
+        .front()
+        .auth_events()
+        .last()
+        .and_then(|e| e.jti.clone());
+    assert_ne!(user_before, user_after, "a genuinely new token (new jti)");
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+}
