@@ -7,7 +7,7 @@
 
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::credential::{AuthKind, CredentialManager};
-use crate::relay::{RelayContext, Session};
+use crate::relay::{RelayContext, Session, SessionEnd};
 use crate::upstream::{Upstream, tune_socket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -258,7 +258,22 @@ where
         shared.credentials.subscribe(),
     );
     let end = session.run(shared.close_sessions.clone()).await;
-    tracing::debug!(conn = id, reason = %end, "connection closed");
+    log_end(id, &end);
+}
+
+/// Ordinary ends are debug; anything that broke on the upstream side is worth a warning.
+fn log_end(id: u64, end: &SessionEnd) {
+    match end {
+        SessionEnd::ClientClosed | SessionEnd::Shutdown | SessionEnd::ClientProtocol(_) => {
+            tracing::debug!(conn = id, reason = %end, "connection closed");
+        }
+        SessionEnd::UpstreamClosed
+        | SessionEnd::UpstreamProtocol(_)
+        | SessionEnd::AuthFailed(_)
+        | SessionEnd::Io(_) => {
+            tracing::warn!(conn = id, reason = %end, "connection closed");
+        }
+    }
 }
 
 fn take_slot(shared: &Shared) -> Option<Option<OwnedSemaphorePermit>> {

@@ -119,6 +119,8 @@ struct RequestState {
     monitor: bool,
     /// A sliced blocking command is in flight: later commands wait for its final reply.
     blocked: bool,
+    /// The client sent `QUIT`: the server closing the connection is the expected end.
+    quit: bool,
     /// No more client input is read (EOF, protocol error); end once replies are delivered.
     closing: bool,
 }
@@ -240,6 +242,7 @@ where
                 waiting_for_drain: false,
                 monitor: false,
                 blocked: false,
+                quit: false,
                 closing: false,
             },
             rep: ReplyState::default(),
@@ -301,7 +304,8 @@ where
             tokio::select! {
                 r = self.up_rd.read_buf(&mut self.uin), if read_up => {
                     if r? == 0 {
-                        return Err(SessionEnd::UpstreamClosed);
+                        self.process_replies()?; // what came before the close is delivered
+                        return if self.req.quit { Ok(()) } else { Err(SessionEnd::UpstreamClosed) };
                     }
                 }
                 r = self.client_rd.read_buf(&mut self.cin), if read_client => {
@@ -494,7 +498,11 @@ where
                 self.forward(frame, Owner::ClientMonitor);
                 self.req.monitor = true;
             }
-            Command::Ping | Command::Quit => self.forward(frame, Owner::Client),
+            Command::Ping => self.forward(frame, Owner::Client),
+            Command::Quit => {
+                self.forward(frame, Owner::Client);
+                self.req.quit = true;
+            }
             Command::Blocking => self.blocking(frame),
         }
         true
@@ -1175,7 +1183,7 @@ mod tests {
         server: DuplexStream,
         server_buf: BytesMut,
         credentials: watch::Sender<CredentialState>,
-        _task: tokio::task::JoinHandle<SessionEnd>,
+        task: tokio::task::JoinHandle<SessionEnd>,
     }
 
     const WAIT: Duration = Duration::from_secs(5);
@@ -1209,7 +1217,7 @@ mod tests {
             server,
             server_buf: BytesMut::new(),
             credentials,
-            _task: tokio::spawn(session.run(CancellationToken::new())),
+            task: tokio::spawn(session.run(CancellationToken::new())),
         }
     }
 
@@ -1428,5 +1436,20 @@ mod tests {
         assert!(same_secret(b"pw", &s));
         assert!(!same_secret(b"pX", &s));
         assert!(!same_secret(b"pw2", &s));
+    }
+
+    #[tokio::test]
+    async fn quit_delivers_the_servers_ok_then_closes() {
+        let mut h = start(None);
+        h.client_sends(&[&["QUIT"]]).await;
+        h.server_gets(&[&["QUIT"]]).await;
+        h.server_replies(b"+OK\r\n").await;
+        h.server.shutdown().await.unwrap();
+        drop(h.server);
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, h.client.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok());
+        assert_eq!(rest, b"+OK\r\n");
+        assert!(matches!(h.task.await, Ok(SessionEnd::ClientClosed)));
     }
 }
