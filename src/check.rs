@@ -39,7 +39,7 @@ async fn steps(config: &Config, stop: &CancellationToken) -> Result<(), String> 
     let mut stream = upstream
         .connect(credential.as_deref())
         .await
-        .map_err(|e| format!("upstream: {e}"))?;
+        .map_err(|e| e.to_string())?;
     println!(
         "upstream: connected to {} ({}){} in {} ms",
         upstream.addr(),

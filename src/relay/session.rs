@@ -440,18 +440,39 @@ where
             return Ok(());
         }
         if !self.req.streaming {
-            let name = Args::new(&cin[..scanned]).next();
-            let special = name.is_none_or(|n| Command::classify(n) != Command::Other);
-            if special || !self.req.client_authed || self.req.translating {
-                return Ok(()); // held whole, up to MAX_HELD_COMMAND
-            }
-            self.expect(Owner::Client);
+            let Some(owner) = self.streamable_owner(&cin[..scanned]) else {
+                if cin.len() >= MAX_HELD_COMMAND {
+                    self.client_protocol_error(ProtocolError(
+                        "Protocol error: command too large for redis-entra-proxy to inspect",
+                    ));
+                }
+                return Ok(()); // held until it is complete
+            };
+            self.expect(owner);
             self.req.streaming = true;
         }
         self.to_up.extend_from_slice(&cin[..scanned]);
         cin.advance(scanned);
         self.requests.consumed(scanned);
         Ok(())
+    }
+
+    /// The reply owner of a command that may be forwarded before it has fully arrived: one whose
+    /// handling needs only its name and argument count. `None`: the proxy must see it whole
+    /// (`AUTH`, `HELLO`, `CLIENT`, blocking commands, anything before `--listen-password`).
+    fn streamable_owner(&mut self, head: &[u8]) -> Option<Owner> {
+        let mut args = Args::new(head);
+        let channels = args.remaining().checked_sub(1)?;
+        let cmd = Command::classify(args.next()?);
+        if !self.req.client_authed {
+            return None;
+        }
+        match cmd {
+            Command::Other | Command::Ping if !self.req.translating => Some(Owner::Client),
+            Command::Subscribe(kind) => Some(self.subscription_owner(kind, true, channels)),
+            Command::Unsubscribe(kind) => Some(self.subscription_owner(kind, false, channels)),
+            _ => None,
+        }
     }
 
     /// One complete multibulk command. False: hold it until outstanding replies are in.
@@ -742,23 +763,26 @@ where
     /// A (un)subscribe command. Its confirmations arrive as RESP3 pushes: a RESP2 client's
     /// upstream is switched to RESP3 first, so that `AUTH` stays possible while subscribed.
     fn subscription(&mut self, frame: &[u8], kind: SubKind, subscribe: bool, channels: usize) {
+        let owner = self.subscription_owner(kind, subscribe, channels);
+        self.forward(frame, owner);
+    }
+
+    /// Who owns the replies of a (un)subscribe command; switches a RESP2 client's upstream to
+    /// RESP3 first (queued ahead of the command).
+    fn subscription_owner(&mut self, kind: SubKind, subscribe: bool, channels: usize) -> Owner {
         if self.req.in_multi || (subscribe && channels == 0) {
-            return self.forward(frame, Owner::Client); // queued, or an arity error
+            return Owner::Client; // queued, or an arity error
         }
         if self.req.client_proto == 2 && !self.req.translating {
             self.to_up.extend_from_slice(HELLO_3);
             self.pending.push(Owner::Hello(3));
             self.req.translating = true;
         }
-        let remaining = (channels > 0).then_some(channels as u64);
-        self.forward(
-            frame,
-            Owner::Subscription {
-                kind,
-                subscribe,
-                remaining,
-            },
-        );
+        Owner::Subscription {
+            kind,
+            subscribe,
+            remaining: (channels > 0).then_some(channels as u64),
+        }
     }
 
     // ----- re-authentication ---------------------------------------------------------------
@@ -1199,8 +1223,14 @@ mod tests {
     }
 
     fn start(listen_password: Option<&str>) -> Harness {
-        let (client, proxy_client) = duplex(1 << 16);
-        let (proxy_upstream, server) = duplex(1 << 16);
+        start_with_pipes(listen_password, 1 << 16)
+    }
+
+    /// `pipe` bytes of buffering on each in-memory connection (large commands need room, as
+    /// the scripted sides run one after the other).
+    fn start_with_pipes(listen_password: Option<&str>, pipe: usize) -> Harness {
+        let (client, proxy_client) = duplex(pipe);
+        let (proxy_upstream, server) = duplex(pipe);
         let first = credential(1);
         let (credentials, watch) = watch::channel(CredentialState {
             current: Some(first.clone()),
@@ -1256,13 +1286,11 @@ mod tests {
             }
         }
 
+        /// Nothing reaches the server (a close with nothing sent counts as quiet).
         async fn server_quiet(&mut self) {
             let read = tokio::time::timeout(QUIET, self.server.read_buf(&mut self.server_buf));
-            assert!(
-                read.await.is_err() && self.server_buf.is_empty(),
-                "{:?}",
-                self.server_buf
-            );
+            let quiet = matches!(read.await, Err(_) | Ok(Ok(0)));
+            assert!(quiet && self.server_buf.is_empty(), "{:?}", self.server_buf);
         }
 
         async fn server_replies(&mut self, raw: &[u8]) {
@@ -1451,5 +1479,32 @@ mod tests {
         assert!(closed.is_ok());
         assert_eq!(rest, b"+OK\r\n");
         assert!(matches!(h.task.await, Ok(SessionEnd::ClientClosed)));
+    }
+
+    #[tokio::test]
+    async fn large_commands_stream_when_only_their_name_matters() {
+        let mut h = start_with_pipes(None, 8 << 20);
+        let big = "x".repeat(2 * 1024 * 1024);
+        h.client_sends(&[&["PING", &big]]).await;
+        h.server_gets(&[&["PING", &big]]).await;
+        h.client_sends(&[&["SUBSCRIBE", "a", &big]]).await;
+        h.server_gets(&[&["HELLO", "3"], &["SUBSCRIBE", "a", &big]])
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_command_too_large_to_inspect_is_refused_not_hung() {
+        let mut h = start_with_pipes(None, 8 << 20);
+        let big = "x".repeat(2 * 1024 * 1024);
+        // The proxy may close while the rest is still being written: that is the point.
+        let _ = h
+            .client
+            .write_all(&cmd(&["HELLO", "3", "SETNAME", &big]))
+            .await;
+        h.client_gets(
+            b"-ERR Protocol error: command too large for redis-entra-proxy to inspect\r\n",
+        )
+        .await;
+        h.server_quiet().await;
     }
 }
