@@ -8,12 +8,16 @@
 //! * [`relay`]: the per-connection byte relay and **re-authentication** (`relay::session`).
 //! * [`server`]: the listener that accepts applications and starts one relay per client.
 //! * [`check`]: the `check` subcommand that runs the whole path once.
+//! * [`metrics`], [`health`], [`shutdown`]: what operators see and how the process stops.
 
 pub mod check;
 pub mod config;
 pub mod credential;
+pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod upstream;

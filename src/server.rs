@@ -1,17 +1,23 @@
 //! The listener: accepts applications, applies `--max-connections`, and gives each client its own
 //! authenticated upstream connection and relay session.
 //!
-//! It also owns the process's lifecycle: the credential manager starts here, and SIGTERM/SIGINT
-//! start a graceful shutdown (keep accepting for `--shutdown-delay`, stop accepting, let live
-//! connections finish for `--shutdown-grace`, exit 0; a second signal exits at once).
+//! It also owns the process's lifecycle: the credential manager starts here, a startup probe
+//! authenticates one upstream connection (that is when `/startup` turns 200), and SIGTERM/SIGINT
+//! or `POST /quitquitquit` start a graceful shutdown (readiness 503, keep accepting for
+//! `--shutdown-delay`, stop accepting, let live connections finish for `--shutdown-grace`, exit
+//! 0; a second signal exits at once).
 
 use crate::config::{Config, ConfigError, ListenAddr};
-use crate::credential::{AuthKind, CredentialManager};
+use crate::credential::{AuthCredential, AuthKind, CredentialManager};
+use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::relay::{RelayContext, Session, SessionEnd};
-use crate::upstream::{Upstream, tune_socket};
+use crate::shutdown::Shutdown;
+use crate::upstream::{Upstream, UpstreamError, UpstreamStream, tune_socket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -39,6 +45,8 @@ struct Shared {
     upstream: Upstream,
     credentials: CredentialManager,
     relay: Arc<RelayContext>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     slots: Option<Arc<Semaphore>>,
     max_connections: usize,
     connect_timeout: Duration,
@@ -61,17 +69,28 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             "TLS to the upstream is disabled (--tls false): credentials travel in clear text"
         );
     }
-    let stop_credentials = CancellationToken::new();
-    let credentials = CredentialManager::start(&config, stop_credentials.clone())?;
+    let stop_background = CancellationToken::new();
+    let credentials = CredentialManager::start(&config, stop_background.clone())?;
+    let authenticate = credentials.mode() != AuthKind::None;
+    let metrics = Metrics::new();
+    metrics.register_credentials(credentials.counters().clone(), credentials.subscribe());
+    let health = Arc::new(Health::new(
+        config.max_connections,
+        authenticate.then(|| credentials.subscribe()),
+    ));
     let upstream = Upstream::new(&config)?;
+    let shutdown = Shutdown::new();
     let listener = bind(&config.listen).await?;
     let shared = Arc::new(Shared {
         upstream,
         relay: Arc::new(RelayContext {
             database: config.database,
             listen_password: config.listen_password.clone(),
-            authenticate: credentials.mode() != AuthKind::None,
+            authenticate,
+            metrics: metrics.clone(),
         }),
+        metrics,
+        health,
         credentials,
         slots: (config.max_connections > 0)
             .then(|| Arc::new(Semaphore::new(config.max_connections))),
@@ -80,9 +99,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         close_sessions: CancellationToken::new(),
         next_id: AtomicU64::new(1),
     });
+    tokio::spawn(startup_probe(shared.clone(), stop_background.clone()));
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
-    let signals = tokio::spawn(watch_signals(stop_accepting.clone(), config.shutdown_delay));
+    let lifecycle = tokio::spawn(lifecycle(
+        shutdown.clone(),
+        shared.health.clone(),
+        stop_accepting.clone(),
+        config.shutdown_delay,
+    ));
     accept_loop(&listener, &shared, &tracker, &stop_accepting).await;
     if let Listener::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);
@@ -105,39 +130,107 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         shared.close_sessions.cancel();
         tracker.wait().await;
     }
-    stop_credentials.cancel();
-    signals.abort();
+    stop_background.cancel();
+    lifecycle.abort();
     tracing::info!("stopped");
     Ok(())
 }
 
-/// SIGTERM/SIGINT: after `delay`, stop accepting. A second signal exits at once.
-async fn watch_signals(stop_accepting: CancellationToken, delay: Duration) {
-    wait_for_signal().await;
-    tracing::info!(delay = ?delay, "shutdown signal received; still accepting during the delay");
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => stop_accepting.cancel(),
-        _ = wait_for_signal() => std::process::exit(1),
-    }
-    wait_for_signal().await;
-    tracing::warn!("second shutdown signal: exiting now");
-    std::process::exit(1);
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// Authenticates one upstream connection as soon as a credential is there, so `/startup` (and
+/// the app container gated on it) doesn't wait for the first client. Retries until it works.
+async fn startup_probe(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut delay = Duration::from_millis(500);
+    while !shared.health.started() && !stop.is_cancelled() {
+        match open_upstream(&shared).await {
+            Ok(_) => {
+                shared.health.mark_started();
+                tracing::info!(upstream = %shared.upstream.addr(), "ready: an upstream connection authenticated");
+                return;
+            }
+            Err(reason) => {
+                tracing::warn!(error = %reason, retry_in = ?delay, "startup: upstream not usable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
-        _ => std::future::pending().await,
     }
+}
+
+/// Why an upstream connection could not be made ready for a client.
+enum OpenError {
+    NoCredential(String),
+    Upstream(UpstreamError),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::NoCredential(e) => write!(f, "no credential for the upstream: {e}"),
+            OpenError::Upstream(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A credential (unless `--auth none`) and an authenticated upstream connection, measured.
+async fn open_upstream(
+    shared: &Shared,
+) -> Result<(UpstreamStream, Option<Arc<AuthCredential>>), OpenError> {
+    let credential = if shared.relay.authenticate {
+        let c = shared
+            .credentials
+            .wait_current(shared.connect_timeout)
+            .await;
+        Some(c.map_err(|e| OpenError::NoCredential(e.to_string()))?)
+    } else {
+        None
+    };
+    let started = Instant::now();
+    match shared.upstream.connect(credential.as_deref()).await {
+        Ok(stream) => {
+            let m = &shared.metrics;
+            m.upstream_connect_seconds
+                .observe(started.elapsed().as_secs_f64());
+            Ok((stream, credential))
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .upstream_errors
+                .with_label_values(&[e.kind()])
+                .inc();
+            Err(OpenError::Upstream(e))
+        }
+    }
+}
+
+/// Waits for SIGTERM/SIGINT or `/quitquitquit`; then readiness 503, the delay, and the listener
+/// closes. A second signal exits at once.
+async fn lifecycle(
+    shutdown: Shutdown,
+    health: Arc<Health>,
+    stop_accepting: CancellationToken,
+    delay: Duration,
+) {
+    tokio::select! {
+        _ = crate::shutdown::signal() => tracing::info!("shutdown signal received"),
+        _ = shutdown.requested() => tracing::info!("shutdown requested (/quitquitquit)"),
+    }
+    health.mark_draining();
+    tracing::info!(delay = ?delay, "readiness is now 503; still accepting during the delay");
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => stop_accepting.cancel(),
+        _ = crate::shutdown::signal() => second_signal(),
+    }
+    crate::shutdown::signal().await;
+    second_signal();
+}
+
+fn second_signal() {
+    tracing::warn!("second shutdown signal: exiting now");
+    std::process::exit(1);
 }
 
 async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
@@ -217,38 +310,39 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let _client = ClientGuard::new(&shared);
     let Some(_permit) = take_slot(&shared) else {
         let reason = format!(
             "too many connections (--max-connections {})",
             shared.max_connections
         );
         tracing::warn!(conn = id, "{reason}");
+        shared
+            .metrics
+            .client_rejections
+            .with_label_values(&["max_connections"])
+            .inc();
         return reject(client, &reason).await;
     };
-    let credential = if shared.relay.authenticate {
-        match shared
-            .credentials
-            .wait_current(shared.connect_timeout)
-            .await
-        {
-            Ok(c) => Some(c),
-            Err(e) => {
-                let reason = format!("no credential for the upstream: {e}");
-                tracing::warn!(conn = id, "{reason}");
-                return reject(client, &reason).await;
-            }
-        }
-    } else {
-        None
-    };
-    let upstream = match shared.upstream.connect(credential.as_deref()).await {
-        Ok(u) => u,
+    let (upstream, credential) = match open_upstream(&shared).await {
+        Ok(opened) => opened,
         Err(e) => {
-            tracing::warn!(conn = id, error = %e, "upstream connection failed");
+            let reason = match e {
+                OpenError::NoCredential(_) => "no_credential",
+                OpenError::Upstream(_) => "upstream",
+            };
+            shared
+                .metrics
+                .client_rejections
+                .with_label_values(&[reason])
+                .inc();
+            tracing::warn!(conn = id, error = %e, "cannot serve client");
             return reject(client, &e.to_string()).await;
         }
     };
+    shared.health.mark_started();
     tracing::debug!(conn = id, "connected");
+    shared.metrics.upstream_connections.inc();
     let session = Session::new(
         id,
         shared.relay.clone(),
@@ -258,19 +352,62 @@ where
         shared.credentials.subscribe(),
     );
     let end = session.run(shared.close_sessions.clone()).await;
+    shared.metrics.upstream_connections.dec();
     log_end(id, &end);
+    if let Some(kind) = upstream_error_kind(&end) {
+        shared
+            .metrics
+            .upstream_errors
+            .with_label_values(&[kind])
+            .inc();
+    }
+}
+
+/// Counts a client in the metrics and in readiness for as long as it is connected.
+struct ClientGuard<'a>(&'a Shared);
+
+impl<'a> ClientGuard<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.metrics.client_connections_total.inc();
+        shared.metrics.client_connections.inc();
+        shared.health.client(true);
+        ClientGuard(shared)
+    }
+}
+
+impl Drop for ClientGuard<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.client_connections.dec();
+        self.0.health.client(false);
+    }
+}
+
+/// The `kind` of `redis_proxy_upstream_errors_total` a session end counts as, if any.
+fn upstream_error_kind(end: &SessionEnd) -> Option<&'static str> {
+    match end {
+        SessionEnd::UpstreamClosed => Some("closed"),
+        SessionEnd::UpstreamProtocol(_) => Some("protocol"),
+        SessionEnd::AuthFailed(_) => Some("auth"),
+        // An I/O error may be the client's (a reset): not counted against the upstream.
+        SessionEnd::Io(_)
+        | SessionEnd::ClientClosed
+        | SessionEnd::ClientProtocol(_)
+        | SessionEnd::Shutdown => None,
+    }
 }
 
 /// Ordinary ends are debug; anything that broke on the upstream side is worth a warning.
 fn log_end(id: u64, end: &SessionEnd) {
     match end {
-        SessionEnd::ClientClosed | SessionEnd::Shutdown | SessionEnd::ClientProtocol(_) => {
+        SessionEnd::ClientClosed
+        | SessionEnd::Shutdown
+        | SessionEnd::ClientProtocol(_)
+        | SessionEnd::Io(_) => {
             tracing::debug!(conn = id, reason = %end, "connection closed");
         }
         SessionEnd::UpstreamClosed
         | SessionEnd::UpstreamProtocol(_)
-        | SessionEnd::AuthFailed(_)
-        | SessionEnd::Io(_) => {
+        | SessionEnd::AuthFailed(_) => {
             tracing::warn!(conn = id, reason = %end, "connection closed");
         }
     }

@@ -60,6 +60,20 @@ pub enum UpstreamError {
     Io(String),
 }
 
+impl UpstreamError {
+    /// The `kind` label of `redis_proxy_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Tls { .. } => "tls",
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Auth(_) => "auth",
+            UpstreamError::Select(_) => "select",
+            UpstreamError::Io(_) => "io",
+        }
+    }
+}
+
 /// An upstream byte stream: TLS, or plain TCP when `--tls false`.
 #[derive(Debug)]
 pub enum UpstreamStream {

@@ -293,7 +293,7 @@ impl CredentialManager {
     }
 
     /// Refresh counts so far (for metrics).
-    pub fn counters(&self) -> &RefreshCounters {
+    pub fn counters(&self) -> &Arc<RefreshCounters> {
         &self.counters
     }
 

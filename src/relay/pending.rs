@@ -37,6 +37,8 @@ pub enum Owner {
         credential: Arc<AuthCredential>,
         /// Failure closes the client connection (nothing else authenticates it).
         required: bool,
+        /// When it was queued (for `redis_proxy_reauth_seconds`).
+        sent: std::time::Instant,
     },
     /// `SELECT <db>` sent by the proxy after `RESET`: consumed.
     Select,

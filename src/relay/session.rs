@@ -63,6 +63,8 @@ pub struct RelayContext {
     pub listen_password: Option<Secret>,
     /// Whether upstream connections are authenticated at all (`--auth none`: no).
     pub authenticate: bool,
+    /// Where re-authentications, bytes and commands are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Why a session ended.
@@ -217,6 +219,8 @@ where
         let (client_rd, client_wr) = tokio::io::split(client);
         let (up_rd, up_wr) = tokio::io::split(upstream);
         let client_authed = ctx.listen_password.is_none();
+        let expiry = authenticated_with.as_ref().and_then(|c| c.expires_at);
+        ctx.metrics.set_auth_expiry(id, expiry);
         Session {
             id,
             ctx,
@@ -268,6 +272,7 @@ where
             .await;
         }
         let _ = self.client_wr.shutdown().await;
+        self.ctx.metrics.forget_connection(self.id);
         match end {
             Ok(()) => SessionEnd::ClientClosed,
             Err(e) => e,
@@ -303,13 +308,17 @@ where
             let retry = self.auth.retry_at;
             tokio::select! {
                 r = self.up_rd.read_buf(&mut self.uin), if read_up => {
-                    if r? == 0 {
+                    let n = r?;
+                    self.ctx.metrics.bytes_to_client.inc_by(n as u64);
+                    if n == 0 {
                         self.process_replies()?; // what came before the close is delivered
                         return if self.req.quit { Ok(()) } else { Err(SessionEnd::UpstreamClosed) };
                     }
                 }
                 r = self.client_rd.read_buf(&mut self.cin), if read_client => {
-                    if r? == 0 {
+                    let n = r?;
+                    self.ctx.metrics.bytes_to_upstream.inc_by(n as u64);
+                    if n == 0 {
                         self.req.closing = true;
                     }
                 }
@@ -449,6 +458,7 @@ where
                 return Ok(()); // held until it is complete
             };
             self.expect(owner);
+            self.ctx.metrics.commands.inc();
             self.req.streaming = true;
         }
         self.to_up.extend_from_slice(&cin[..scanned]);
@@ -482,6 +492,7 @@ where
             return true; // `*0`: Redis ignores it and sends nothing.
         };
         let cmd = Command::classify(name);
+        self.ctx.metrics.commands.inc();
         if !self.req.client_authed && !matches!(cmd, Command::Auth | Command::Hello | Command::Quit)
         {
             self.local(NOAUTH);
@@ -721,6 +732,7 @@ where
             self.pending.push(Owner::Auth {
                 credential,
                 required: true,
+                sent: Instant::now(),
             });
             self.auth.in_flight = true;
         }
@@ -818,6 +830,7 @@ where
         self.pending.push(Owner::Auth {
             credential: newest,
             required: false,
+            sent: Instant::now(),
         });
         if replies_off {
             self.to_up.extend_from_slice(REPLY_OFF);
@@ -834,17 +847,21 @@ where
         required: bool,
     ) -> Result<(), SessionEnd> {
         self.auth.in_flight = false;
+        let metrics = &self.ctx.metrics;
         if frame.first() == Some(&b'+') {
             tracing::debug!(
                 conn = self.id,
                 generation = credential.generation,
                 "re-authenticated"
             );
+            metrics.reauth_success.inc();
+            metrics.set_auth_expiry(self.id, credential.expires_at);
             self.auth.current = Some(credential);
             self.auth.backoff = REAUTH_RETRY_MIN;
             return Ok(());
         }
         let reason = error_text(frame);
+        metrics.reauth_failure.inc();
         if required {
             let line =
                 format!("-ERR redis-entra-proxy: upstream authentication failed: {reason}\r\n");
@@ -929,7 +946,12 @@ where
             Some(Owner::Auth {
                 credential,
                 required,
-            }) => self.auth_reply(frame, credential, required)?,
+                sent,
+            }) => {
+                let reauth = &self.ctx.metrics.reauth_seconds;
+                reauth.observe(sent.elapsed().as_secs_f64());
+                self.auth_reply(frame, credential, required)?
+            }
             Some(Owner::Select) | Some(Owner::ReplyOn) => {
                 if is_error(frame) {
                     tracing::warn!(conn = self.id, error = %error_text(frame), "upstream refused a proxy command");
@@ -950,6 +972,7 @@ where
                         self.rep.client_proto_is_2 = p == 2;
                     }
                     if let Some(c) = credential {
+                        self.ctx.metrics.set_auth_expiry(self.id, c.expires_at);
                         self.auth.current = Some(c);
                     }
                 }
@@ -1240,6 +1263,7 @@ mod tests {
             database: 0,
             listen_password: listen_password.map(Secret::new),
             authenticate: true,
+            metrics: crate::metrics::Metrics::new(),
         });
         let session = Session::new(1, ctx, proxy_client, proxy_upstream, Some(first), watch);
         Harness {

@@ -1,0 +1,52 @@
+//! How a graceful shutdown is asked for: SIGTERM/SIGINT or `POST /quitquitquit`.
+//!
+//! Both end up in one [`Shutdown`] handle, so the server runs the same sequence whoever asked:
+//! readiness 503 → still accepting for `--shutdown-delay` → listener closed → live connections
+//! finish within `--shutdown-grace` → exit 0. A second request (a second signal) exits at once.
+
+use tokio_util::sync::CancellationToken;
+
+/// A cloneable "please shut down" switch.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    requested: CancellationToken,
+}
+
+impl Shutdown {
+    /// A switch nobody has pulled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks for a graceful shutdown (idempotent).
+    pub fn request(&self) {
+        self.requested.cancel();
+    }
+
+    /// True once asked.
+    pub fn is_requested(&self) -> bool {
+        self.requested.is_cancelled()
+    }
+
+    /// Resolves when a shutdown is asked for.
+    pub async fn requested(&self) {
+        self.requested.cancelled().await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if signals can't be installed).
+pub async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
