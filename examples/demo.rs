@@ -20,31 +20,10 @@
 //! `--duration DUR` (`DEMO_DURATION`), `--port N` (`DEMO_PORT`, 0 = any free port, the default),
 //! `--proxy-bin PATH` (`REDIS_ENTRA_PROXY_BIN`). Anything after `--` is passed to the proxy.
 //!
-//! The fakes are the integration tests' support code (`tests/support/`), included module by
-//! module: `tests/support/mod.rs` itself can't be, because its `proxy` module needs
-//! `CARGO_BIN_EXE_redis-entra-proxy`, which cargo sets for integration tests only.
+//! The fakes are the integration tests' support code (`tests/support/`), included as it is.
 
-#[allow(dead_code, unused_imports)]
-#[path = "../tests/support/azure_front.rs"]
-mod azure_front;
-#[allow(dead_code, unused_imports)]
-#[path = "../tests/support/http.rs"]
-mod http;
-#[allow(dead_code, unused_imports)]
-#[path = "../tests/support/pki.rs"]
-mod pki;
-#[allow(dead_code, unused_imports)]
-#[path = "../tests/support/redis_server.rs"]
-mod redis_server;
-#[allow(dead_code, unused_imports)]
-#[path = "../tests/support/resp.rs"]
-mod resp;
-#[allow(dead_code, unused_imports)]
-#[path = "../tests/support/token_endpoints.rs"]
-mod token_endpoints;
-#[allow(dead_code, unused_imports)]
-#[path = "../tests/support/token_issuer.rs"]
-mod token_issuer;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
@@ -54,45 +33,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 
-// What the support modules expect to find in their parent (`tests/support/mod.rs` provides the
-// same items to the integration tests).
-use azure_front::AzureFront;
-use pki::TestPki;
-use redis_server::RedisServer;
-use token_endpoints::ManagedIdentityEndpoint;
-use token_issuer::TokenIssuer;
-
-/// Installs ring as the process-wide rustls crypto provider (idempotent).
-fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// Seconds since the Unix epoch.
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock before 1970")
-        .as_secs_f64()
-}
-
-/// A random lowercase hex string of `n` characters.
-fn random_hex(n: usize) -> String {
-    (0..n)
-        .map(|_| char::from_digit(fastrand::u32(..16), 16).unwrap())
-        .collect()
-}
-
-/// A random GUID-shaped string.
-fn random_uuid() -> String {
-    format!(
-        "{}-{}-{}-{}-{}",
-        random_hex(8),
-        random_hex(4),
-        random_hex(4),
-        random_hex(4),
-        random_hex(12)
-    )
-}
+use support::proxy::{address_field, is_main_listening_line};
+use support::{
+    AzureFront, ManagedIdentityEndpoint, RedisServer, TestPki, TokenIssuer,
+    install_crypto_provider, random_uuid, unix_now,
+};
 
 const USAGE: &str = "\
 usage: cargo run --example demo -- [--token-lifetime DUR] [--duration DUR] [--port N]
@@ -260,16 +205,6 @@ fn forward_lines(pipe: impl AsyncRead + Unpin + Send + 'static, tx: mpsc::Unboun
     });
 }
 
-/// The `address=HOST:PORT` field of the proxy's `listening` line.
-fn listening_address(line: &str) -> Option<String> {
-    if !line.contains("listening") {
-        return None;
-    }
-    let rest = &line[line.find("address=")? + "address=".len()..];
-    let value = rest.split([' ', ',']).next()?.trim_matches('"');
-    (!value.is_empty()).then(|| value.to_string())
-}
-
 fn show_proxy_line(line: &str) {
     println!("           proxy | {line}");
 }
@@ -397,7 +332,7 @@ async fn run(options: Options, proxy_bin: PathBuf) -> Result<bool, String> {
             line = lines.recv() => match line {
                 Some(line) => {
                     show_proxy_line(&line);
-                    if let Some(address) = listening_address(&line) {
+                    if let Some(address) = is_main_listening_line(&line).then(|| address_field(&line)).flatten() {
                         break address;
                     }
                 }

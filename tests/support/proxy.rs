@@ -20,12 +20,23 @@ use std::time::{Duration, Instant};
 
 use super::RespClient;
 
-/// The proxy binary built by cargo for the integration tests.
-pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_redis-entra-proxy");
+/// The proxy binary cargo built, as cargo tells integration tests (examples are not told).
+pub const PROXY_BIN: Option<&str> = option_env!("CARGO_BIN_EXE_redis-entra-proxy");
 
-/// The binary to run: `$REDIS_ENTRA_PROXY_BIN` if set (e.g. a release build), else [`PROXY_BIN`].
+/// The binary to run: `$REDIS_ENTRA_PROXY_BIN` if set (e.g. a release build), else
+/// [`PROXY_BIN`], else the one beside the running example (`target/<profile>/examples/x` →
+/// `target/<profile>/redis-entra-proxy`).
 pub fn proxy_bin() -> String {
-    std::env::var("REDIS_ENTRA_PROXY_BIN").unwrap_or_else(|_| PROXY_BIN.to_string())
+    if let Ok(bin) = std::env::var("REDIS_ENTRA_PROXY_BIN") {
+        return bin;
+    }
+    if let Some(bin) = PROXY_BIN {
+        return bin.to_string();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("redis-entra-proxy")))
+        .map_or_else(|| "redis-entra-proxy".into(), |p| p.display().to_string())
 }
 
 /// How long [`ProxyProcess::start`] waits for the `listening` line.
