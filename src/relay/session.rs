@@ -571,7 +571,11 @@ where
     /// still waits — re-authenticate if a newer credential is there, then block again.
     fn blocking_reply(&mut self, frame: &[u8], call: Box<BlockingCall>) {
         self.req.blocked = false;
-        if self.token_expiry().is_none() || !call.should_reissue(frame, Instant::now()) {
+        // A client that has gone away is not kept blocked: its session ends with this reply.
+        if self.token_expiry().is_none()
+            || self.req.closing
+            || !call.should_reissue(frame, Instant::now())
+        {
             self.to_client.extend_from_slice(frame);
             return;
         }
@@ -1530,5 +1534,27 @@ mod tests {
         )
         .await;
         h.server_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn a_blocked_client_that_leaves_is_not_kept_blocked() {
+        let mut h = start(None);
+        h.client_sends(&[&["BLPOP", "k", "0"]]).await;
+        let sent = h.next_server_command().await;
+        assert_eq!(&sent[..2], ["BLPOP", "k"]);
+        assert_ne!(sent[2], "0", "sliced");
+        h.client.shutdown().await.unwrap(); // the application goes away
+        // Each slice times out; the one after the proxy saw the close is not re-issued.
+        let mut end = None;
+        for _ in 0..3 {
+            h.server_replies(b"*-1\r\n").await;
+            if let Ok(e) = tokio::time::timeout(QUIET, &mut h.task).await {
+                end = Some(e);
+                break;
+            }
+            assert_eq!(h.next_server_command().await[0], "BLPOP");
+        }
+        let end = end.expect("the session ended");
+        assert!(matches!(end, Ok(SessionEnd::ClientClosed)));
     }
 }
