@@ -7,6 +7,7 @@
 //! `--shutdown-delay`, stop accepting, let live connections finish for `--shutdown-grace`, exit
 //! 0; a second signal exits at once).
 
+use crate::admin::{AdminServer, AdminState};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::credential::{AuthCredential, AuthKind, CredentialManager};
 use crate::health::Health;
@@ -80,6 +81,17 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     ));
     let upstream = Upstream::new(&config)?;
     let shutdown = Shutdown::new();
+    let admin = match &config.admin_listen {
+        Some(addr) => Some(
+            AdminServer::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let listener = bind(&config.listen).await?;
     let shared = Arc::new(Shared {
         upstream,
@@ -100,6 +112,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         next_id: AtomicU64::new(1),
     });
     tokio::spawn(startup_probe(shared.clone(), stop_background.clone()));
+    if let Some(admin) = admin {
+        let state = AdminState {
+            metrics: shared.metrics.clone(),
+            health: shared.health.clone(),
+            shutdown: shutdown.clone(),
+        };
+        // Served until the last connection has gone: liveness and metrics stay up meanwhile.
+        tokio::spawn(admin.serve(state, stop_background.clone()));
+    }
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let lifecycle = tokio::spawn(lifecycle(
@@ -207,30 +228,40 @@ async fn open_upstream(
 }
 
 /// Waits for SIGTERM/SIGINT or `/quitquitquit`; then readiness 503, the delay, and the listener
-/// closes. A second signal exits at once.
+/// closes. A second *signal* exits at once; a SIGTERM after `/quitquitquit` (a `preStop` hook
+/// followed by the kubelet's own SIGTERM) is the first signal, not the second.
 async fn lifecycle(
     shutdown: Shutdown,
     health: Arc<Health>,
     stop_accepting: CancellationToken,
     delay: Duration,
 ) {
+    let mut signals = crate::shutdown::Signals::new();
+    let mut received = 0;
     tokio::select! {
-        _ = crate::shutdown::signal() => tracing::info!("shutdown signal received"),
+        _ = signals.next() => {
+            received += 1;
+            tracing::info!("shutdown signal received");
+        }
         _ = shutdown.requested() => tracing::info!("shutdown requested (/quitquitquit)"),
     }
     health.mark_draining();
     tracing::info!(delay = ?delay, "readiness is now 503; still accepting during the delay");
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => stop_accepting.cancel(),
-        _ = crate::shutdown::signal() => second_signal(),
+    let delay_over = tokio::time::sleep(delay);
+    tokio::pin!(delay_over);
+    loop {
+        tokio::select! {
+            _ = &mut delay_over, if !stop_accepting.is_cancelled() => stop_accepting.cancel(),
+            _ = signals.next() => {
+                received += 1;
+                if received >= 2 {
+                    tracing::warn!("second shutdown signal: exiting now");
+                    std::process::exit(1);
+                }
+                tracing::info!("shutdown signal received; already shutting down");
+            }
+        }
     }
-    crate::shutdown::signal().await;
-    second_signal();
-}
-
-fn second_signal() {
-    tracing::warn!("second shutdown signal: exiting now");
-    std::process::exit(1);
 }
 
 async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
@@ -388,8 +419,8 @@ fn upstream_error_kind(end: &SessionEnd) -> Option<&'static str> {
         SessionEnd::UpstreamClosed => Some("closed"),
         SessionEnd::UpstreamProtocol(_) => Some("protocol"),
         SessionEnd::AuthFailed(_) => Some("auth"),
-        // An I/O error may be the client's (a reset): not counted against the upstream.
-        SessionEnd::Io(_)
+        SessionEnd::UpstreamIo(_) => Some("io"),
+        SessionEnd::ClientIo(_)
         | SessionEnd::ClientClosed
         | SessionEnd::ClientProtocol(_)
         | SessionEnd::Shutdown => None,
@@ -402,12 +433,13 @@ fn log_end(id: u64, end: &SessionEnd) {
         SessionEnd::ClientClosed
         | SessionEnd::Shutdown
         | SessionEnd::ClientProtocol(_)
-        | SessionEnd::Io(_) => {
+        | SessionEnd::ClientIo(_) => {
             tracing::debug!(conn = id, reason = %end, "connection closed");
         }
         SessionEnd::UpstreamClosed
         | SessionEnd::UpstreamProtocol(_)
-        | SessionEnd::AuthFailed(_) => {
+        | SessionEnd::AuthFailed(_)
+        | SessionEnd::UpstreamIo(_) => {
             tracing::warn!(conn = id, reason = %end, "connection closed");
         }
     }

@@ -4,6 +4,7 @@
 //! readiness 503 → still accepting for `--shutdown-delay` → listener closed → live connections
 //! finish within `--shutdown-grace` → exit 0. A second request (a second signal) exits at once.
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// A cloneable "please shut down" switch.
@@ -34,19 +35,40 @@ impl Shutdown {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (never, if signals can't be installed).
-pub async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// SIGTERM and SIGINT, registered once so that no signal falls between two waits.
+pub struct Signals {
+    streams: Option<(Signal, Signal)>,
+}
+
+impl Signals {
+    /// Starts listening (if signals can't be installed, [`Signals::next`] never resolves).
+    pub fn new() -> Self {
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => None,
+        };
+        Signals { streams }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
+        match &mut self.streams {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            None => std::future::pending().await,
         }
-        _ => std::future::pending().await,
+    }
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -82,9 +82,12 @@ pub enum SessionEnd {
     /// The upstream sent something that is not RESP.
     #[error("upstream protocol error: {0}")]
     UpstreamProtocol(String),
-    /// An I/O error on either side.
-    #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    /// An I/O error on the client's connection (e.g. the application reset it).
+    #[error("client i/o error: {0}")]
+    ClientIo(std::io::Error),
+    /// An I/O error on the upstream connection (e.g. it was dropped without a TLS close).
+    #[error("upstream i/o error: {0}")]
+    UpstreamIo(std::io::Error),
     /// Authentication required after `RESET` failed; the client was told why.
     #[error("upstream authentication failed: {0}")]
     AuthFailed(String),
@@ -308,7 +311,7 @@ where
             let retry = self.auth.retry_at;
             tokio::select! {
                 r = self.up_rd.read_buf(&mut self.uin), if read_up => {
-                    let n = r?;
+                    let n = r.map_err(SessionEnd::UpstreamIo)?;
                     self.ctx.metrics.bytes_to_client.inc_by(n as u64);
                     if n == 0 {
                         self.process_replies()?; // what came before the close is delivered
@@ -316,7 +319,7 @@ where
                     }
                 }
                 r = self.client_rd.read_buf(&mut self.cin), if read_client => {
-                    let n = r?;
+                    let n = r.map_err(SessionEnd::ClientIo)?;
                     self.ctx.metrics.bytes_to_upstream.inc_by(n as u64);
                     if n == 0 {
                         self.req.closing = true;
@@ -325,13 +328,13 @@ where
                 r = write_or_flush(&mut self.up_wr, &self.to_up),
                     if !self.to_up.is_empty() || self.up_unflushed =>
                 {
-                    let n = r?;
+                    let n = r.map_err(SessionEnd::UpstreamIo)?;
                     self.to_up.advance(n);
                     // TLS may hold written data back until flushed.
                     self.up_unflushed = !self.to_up.is_empty() || n > 0;
                 }
                 r = self.client_wr.write(&self.to_client), if !self.to_client.is_empty() => {
-                    let n = r?;
+                    let n = r.map_err(SessionEnd::ClientIo)?;
                     self.to_client.advance(n);
                 }
                 r = self.credentials.changed(), if watching => {
