@@ -42,6 +42,25 @@ impl Health {
         self.started.load(Ordering::SeqCst)
     }
 
+    /// `GET /startup` with its reason: `Ok` once started, else one line saying what is still
+    /// missing, so `kubectl describe pod` (which shows a failed probe's body) points at the cause.
+    /// The credential's last error is scrubbed by the credential manager: no secret in it.
+    pub fn startup(&self) -> Result<(), String> {
+        if self.started() {
+            return Ok(());
+        }
+        let credential_problem = self.credentials.as_ref().and_then(|watch| {
+            let state = watch.borrow();
+            state.current.is_none().then(|| state.last_error.clone())
+        });
+        let reason = match credential_problem {
+            Some(Some(error)) => format!("not started: no credential yet: {error}"),
+            Some(None) => "not started: waiting for the first credential".to_string(),
+            None => "not started: no upstream connection authenticated yet".to_string(),
+        };
+        Err(reason.replace(['\r', '\n'], " "))
+    }
+
     /// Shutdown began: readiness turns 503.
     pub fn mark_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
@@ -127,5 +146,34 @@ mod tests {
         tx.send_replace(state(60));
         h.mark_draining();
         assert_eq!(h.readiness(), Err("shutting down"));
+    }
+
+    #[test]
+    fn startup_says_what_is_missing_on_one_line() {
+        let (tx, rx) = tokio::sync::watch::channel(CredentialState::default());
+        let h = Health::new(0, Some(rx));
+        assert_eq!(
+            h.startup(),
+            Err("not started: waiting for the first credential".to_string())
+        );
+        tx.send_replace(CredentialState {
+            current: None,
+            last_error: Some("token endpoint: 500\nInternal".into()),
+        });
+        assert_eq!(
+            h.startup(),
+            Err("not started: no credential yet: token endpoint: 500 Internal".to_string())
+        );
+        tx.send_replace(state(60));
+        assert_eq!(
+            h.startup(),
+            Err("not started: no upstream connection authenticated yet".to_string())
+        );
+        h.mark_started();
+        assert_eq!(h.startup(), Ok(()));
+        assert_eq!(
+            Health::new(0, None).startup(),
+            Err("not started: no upstream connection authenticated yet".to_string())
+        );
     }
 }

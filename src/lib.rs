@@ -9,13 +9,17 @@
 //! * [`server`]: the listener that accepts applications and starts one relay per client.
 //! * [`check`]: the `check` subcommand that runs the whole path once.
 //! * [`metrics`], [`health`], [`shutdown`]: what operators see and how the process stops.
+//! * [`admin`]: the HTTP endpoint on `--admin-listen` (probes, `/metrics`, `/quitquitquit`).
+//! * [`ops_client`]: the `wait` and `shutdown` subcommands, clients of that endpoint.
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod credential;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod ops_client;
 pub mod relay;
 pub mod secret;
 pub mod server;

@@ -4,10 +4,11 @@
 //! part of the contract: 0 success, 1 failure at run time (or a failed `check`), 2 a
 //! configuration or usage error.
 
-use redis_entra_proxy::config::{self, Command, Config, LogFormat};
-use redis_entra_proxy::{check, logging, server};
+use redis_entra_proxy::config::{self, Command, Config};
+use redis_entra_proxy::{check, logging, ops_client, server};
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Exit status of a configuration or usage error.
 const CONFIG_ERROR: u8 = 2;
@@ -27,10 +28,50 @@ fn main() -> ExitCode {
         }
         Command::Run(config) => run(config, run_proxy),
         Command::Check(config) => run(config, run_check),
-        Command::Wait { .. } | Command::Shutdown { .. } => {
-            logging::init(LogFormat::Text);
-            tracing::error!("'wait' and 'shutdown' are not implemented yet");
-            ExitCode::from(CONFIG_ERROR)
+        Command::Wait { admin, max } => run_ops_client(async move {
+            ops_client::wait(&admin, max).await.map(|took| {
+                format!(
+                    "the proxy at {admin} is up (GET /startup answered 200 after {})",
+                    humantime::format_duration(Duration::from_millis(took.as_millis() as u64))
+                )
+            })
+        }),
+        Command::Shutdown { admin } => run_ops_client(async move {
+            ops_client::shutdown(&admin)
+                .await
+                .map(|()| format!("the proxy at {admin} is shutting down"))
+        }),
+    }
+}
+
+/// `wait` / `shutdown`: one line on stdout and status 0 on success, one line on stderr and
+/// status 1 otherwise. No logging setup: these are short commands whose whole output is that
+/// line, read by a human or an init container's log.
+fn run_ops_client(task: impl Future<Output = Result<String, String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            write_or_ignore(
+                &mut std::io::stderr(),
+                &format!("redis-entra-proxy: cannot start the async runtime: {err}\n"),
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(line) => {
+            write_or_ignore(&mut std::io::stdout(), &format!("{line}\n"));
+            ExitCode::SUCCESS
+        }
+        Err(line) => {
+            write_or_ignore(
+                &mut std::io::stderr(),
+                &format!("redis-entra-proxy: {line}\n"),
+            );
+            ExitCode::FAILURE
         }
     }
 }
