@@ -460,7 +460,7 @@ where
                 }
                 return Ok(()); // held until it is complete
             };
-            self.expect(owner);
+            self.expect_reply(owner);
             self.ctx.metrics.commands.inc();
             self.req.streaming = true;
         }
@@ -630,11 +630,11 @@ where
     /// Sends `frame` upstream and records who owns its reply.
     fn forward(&mut self, frame: &[u8], owner: Owner) {
         self.to_up.extend_from_slice(frame);
-        self.expect(owner);
+        self.expect_reply(owner);
     }
 
     /// Records the reply a command will get, as `CLIENT REPLY OFF|SKIP` and `MONITOR` allow.
-    fn expect(&mut self, owner: Owner) {
+    fn expect_reply(&mut self, owner: Owner) {
         if self.req.monitor && matches!(owner, Owner::Client) {
             return; // A feed: replies to the client's own commands are not tracked.
         }
@@ -647,11 +647,11 @@ where
 
     /// A reply the proxy makes itself, delivered in order.
     fn local(&mut self, reply: &'static [u8]) {
-        self.expect(Owner::Local(Bytes::from_static(reply)));
+        self.expect_reply(Owner::Local(Bytes::from_static(reply)));
     }
 
     fn local_owned(&mut self, reply: Bytes) {
-        self.expect(Owner::Local(reply));
+        self.expect_reply(Owner::Local(reply));
     }
 
     /// The client's `AUTH`: checked against `--listen-password`, never forwarded.
