@@ -455,11 +455,7 @@ fn take_slot(shared: &Shared) -> Option<Option<OwnedSemaphorePermit>> {
 /// Tells a client why it can't be served (one RESP error), then closes. Input it already sent
 /// is read and dropped briefly so the close doesn't turn into a reset that hides the error.
 async fn reject<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, reason: &str) {
-    let line = format!(
-        "-ERR redis-entra-proxy: {}\r\n",
-        reason.replace(['\r', '\n'], " ")
-    );
-    let _ = client.write_all(line.as_bytes()).await;
+    let _ = client.write_all(&crate::relay::proxy_error(reason)).await;
     let _ = client.shutdown().await;
     let mut sink = [0u8; 1024];
     let drain = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} };

@@ -583,3 +583,38 @@ async fn a_fresh_token_is_fetched_even_when_the_identity_library_would_return_it
     assert_ne!(user_before, user_after, "a genuinely new token (new jti)");
     assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
 }
+
+#[tokio::test]
+async fn the_startup_line_names_the_mode_and_a_configured_username_is_used() {
+    let setup = Setup::entra_app_service(LIFETIME).await;
+    // A Redis user other than the token's oid: the front (like Azure) refuses it.
+    let proxy = setup
+        .start_proxy_with(&["--redis-username", "not-the-object-id"], &[])
+        .await;
+    let started = proxy
+        .output_lines()
+        .into_iter()
+        .filter(|l| l.contains("starting redis-entra-proxy"))
+        .collect::<Vec<_>>();
+    assert_eq!(started.len(), 1, "one startup line");
+    assert!(started[0].contains("auth=entra"), "{}", started[0]);
+    assert!(
+        started[0].contains("credential=managed-identity"),
+        "{}",
+        started[0]
+    );
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let reply = c.cmd(&["PING"]).await;
+    let error = reply.error().unwrap_or_default().to_string();
+    assert!(
+        error.starts_with("ERR redis-entra-proxy: upstream authentication failed: WRONGPASS"),
+        "{reply:?}"
+    );
+    assert!(
+        setup
+            .front()
+            .auth_events()
+            .iter()
+            .any(|e| e.user == "not-the-object-id")
+    );
+}

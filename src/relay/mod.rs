@@ -14,3 +14,10 @@ pub mod session;
 
 pub use resp::encode_command;
 pub use session::{RelayContext, Session, SessionEnd};
+
+/// The one error line a client gets when the proxy can't serve it (`-ERR redis-entra-proxy:
+/// <reason>`), kept on one line whatever the reason says.
+pub fn proxy_error(reason: &str) -> bytes::Bytes {
+    let reason = reason.replace(['\r', '\n'], " ");
+    bytes::Bytes::from(format!("-ERR redis-entra-proxy: {reason}\r\n"))
+}

@@ -870,9 +870,8 @@ where
         let reason = error_text(frame);
         metrics.reauth_failure.inc();
         if required {
-            let line =
-                format!("-ERR redis-entra-proxy: upstream authentication failed: {reason}\r\n");
-            self.to_client.extend_from_slice(line.as_bytes());
+            let line = super::proxy_error(&format!("upstream authentication failed: {reason}"));
+            self.to_client.extend_from_slice(&line);
             return Err(SessionEnd::AuthFailed(reason));
         }
         tracing::warn!(
