@@ -618,3 +618,41 @@ async fn the_startup_line_names_the_mode_and_a_configured_username_is_used() {
             .any(|e| e.user == "not-the-object-id")
     );
 }
+
+#[tokio::test]
+async fn a_user_assigned_managed_identity_is_chosen_by_its_client_id() {
+    let setup = Setup::entra_app_service(LIFETIME).await;
+    setup
+        .msi()
+        .require_client_id(Some("user-assigned-client-id"));
+    // `--credential auto` with AZURE_REDIS_CLIENTID: user-assigned managed identity.
+    let proxy = setup
+        .start_proxy_with(
+            &["--credential", "auto"],
+            &[("AZURE_REDIS_CLIENTID", "user-assigned-client-id")],
+        )
+        .await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    wait_for_expiries(&setup, setup.front().tokens_expired(), 2).await;
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    assert!(
+        setup
+            .msi()
+            .request_log()
+            .iter()
+            .all(|r| format!("{r:?}").contains("user-assigned-client-id"))
+    );
+    // Without the client id the endpoint refuses (system-assigned isn't this identity).
+    let wrong = setup
+        .start_proxy_with(&["--connect-timeout", "2s"], &[])
+        .await;
+    let mut refused = RespClient::connect(wrong.addr()).await;
+    let reply = refused.cmd(&["PING"]).await;
+    assert!(
+        reply
+            .error()
+            .is_some_and(|e| e.contains("no credential for the upstream")),
+        "{reply:?}"
+    );
+}
