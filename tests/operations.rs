@@ -253,6 +253,16 @@ async fn probes_before_the_first_token(mode: EndpointMode) {
     expect_get(&proxy, at, "/readiness", 200).await;
 }
 
+/// The proxy exits with status 0 within `within` (its output is shown if not).
+async fn assert_exits_cleanly(proxy: &mut ProxyProcess, within: Duration) {
+    let status = proxy.wait_exit(within).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit {status:?}\n{}",
+        proxy.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_token_endpoint_at_start_means_not_started_not_ready_but_alive() {
     probes_before_the_first_token(EndpointMode::Fail(500)).await;
@@ -671,12 +681,7 @@ async fn shutdown_with_a_delay(how: Trigger) {
     assert!(proxy.is_running());
     live.close().await;
     newcomer.close().await;
-    let status = proxy.wait_exit(Duration::from_secs(5)).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit {status:?}\n{}",
-        proxy.output()
-    );
+    assert_exits_cleanly(&mut proxy, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,12 +717,7 @@ async fn sigterm_lets_a_live_connection_finish_and_exits_as_soon_as_it_closes() 
 
     live.close().await;
     let closed = Instant::now();
-    let status = proxy.wait_exit(Duration::from_secs(10)).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit {status:?}\n{}",
-        proxy.output()
-    );
+    assert_exits_cleanly(&mut proxy, Duration::from_secs(10)).await;
     assert!(
         closed.elapsed() < Duration::from_secs(3),
         "took {:?} to exit after the last connection closed",
@@ -736,12 +736,7 @@ async fn when_the_grace_runs_out_live_connections_are_closed_and_the_exit_is_0()
         took.is_some_and(|t| t >= Duration::from_millis(800)),
         "closed after {took:?}"
     );
-    let status = proxy.wait_exit(Duration::from_secs(5)).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit {status:?}\n{}",
-        proxy.output()
-    );
+    assert_exits_cleanly(&mut proxy, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -778,12 +773,7 @@ async fn sigterm_after_quitquitquit_is_not_a_second_signal() {
     );
     assert_works(&mut live, "k").await;
     live.close().await;
-    let status = proxy.wait_exit(Duration::from_secs(5)).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit {status:?}\n{}",
-        proxy.output()
-    );
+    assert_exits_cleanly(&mut proxy, Duration::from_secs(5)).await;
 }
 
 // ----- subcommands -------------------------------------------------------------------------
@@ -834,12 +824,7 @@ async fn wait_returns_once_the_proxy_is_up_and_shutdown_stops_it() {
         "{}",
         stopped.all()
     );
-    let status = proxy.wait_exit(Duration::from_secs(10)).await;
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit {status:?}\n{}",
-        proxy.output()
-    );
+    assert_exits_cleanly(&mut proxy, Duration::from_secs(10)).await;
 
     // Nothing there any more: both fail with status 1 and say why.
     let gone = run_to_end(&["shutdown", "--admin-listen", &admin_addr], &[]).await;
