@@ -283,7 +283,15 @@ where
     }
 
     async fn relay(&mut self, shutdown: CancellationToken) -> Result<(), SessionEnd> {
+        // The two waits every session shares with all others (the shutdown token, the
+        // credential channel) are created once, not once per loop turn: polling a fresh one
+        // each turn would register and unregister a waiter under the shared channel's lock for
+        // every command, and every session contends on that lock.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         let mut watching = self.ctx.authenticate;
+        let changed = next_credential(self.credentials.clone());
+        tokio::pin!(changed);
         loop {
             self.process_replies()?;
             self.process_requests()?;
@@ -337,15 +345,14 @@ where
                     let n = r.map_err(SessionEnd::ClientIo)?;
                     self.to_client.advance(n);
                 }
-                r = self.credentials.changed(), if watching => {
-                    if r.is_err() {
-                        watching = false;
-                    }
-                }
+                watch = &mut changed, if watching => match watch {
+                    Some(watch) => changed.set(next_credential(watch)),
+                    None => watching = false,
+                },
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.auth.retry_at = None;
                 }
-                _ = shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                _ = &mut cancelled => return Err(SessionEnd::Shutdown),
             }
         }
     }
@@ -1139,6 +1146,12 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io
     } else {
         w.write(buf).await
     }
+}
+
+/// Resolves once a newer credential is published, giving the watch back for the next wait;
+/// `None` once the channel is closed (the process is stopping).
+async fn next_credential(mut watch: CredentialWatch) -> Option<CredentialWatch> {
+    watch.changed().await.ok().map(|()| watch)
 }
 
 async fn sleep_until(at: Option<Instant>) {
