@@ -5,6 +5,8 @@
 //! * [`config`]: flags, environment and connection strings → one [`config::Config`].
 //! * [`credential`]: token sources and the refreshing token manager.
 //! * [`upstream`]: TLS connect + `AUTH` + `SELECT` of one upstream connection.
+//! * [`connector`]: a credential plus an authenticated upstream connection, timed and counted.
+//! * [`pool`]: the warm pool (`--warm-connections`) of connections authenticated ahead of demand.
 //! * [`relay`]: the per-connection byte relay and **re-authentication** (`relay::session`).
 //! * [`server`]: the listener that accepts applications and starts one relay per client.
 //! * [`check`]: the `check` subcommand that runs the whole path once.
@@ -15,11 +17,13 @@
 pub mod admin;
 pub mod check;
 pub mod config;
+pub mod connector;
 pub mod credential;
 pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod ops_client;
+pub mod pool;
 pub mod relay;
 pub mod secret;
 pub mod server;

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub client_rejections: IntCounterVec,
     /// `redis_proxy_upstream_connections`: authenticated upstream connections open now.
     pub upstream_connections: IntGauge,
+    /// `redis_proxy_warm_connections`: idle authenticated connections in the warm pool.
+    pub warm_connections: IntGauge,
     /// `redis_proxy_upstream_connect_seconds`: TCP + TLS + `AUTH` (+ `SELECT`) time.
     pub upstream_connect_seconds: Histogram,
     /// `redis_proxy_upstream_errors_total{kind}`: connect, tls, timeout, auth, select, closed,
@@ -87,6 +89,10 @@ impl Metrics {
             upstream_connections: gauge(
                 "redis_proxy_upstream_connections",
                 "Authenticated upstream connections open now.",
+            ),
+            warm_connections: gauge(
+                "redis_proxy_warm_connections",
+                "Idle authenticated upstream connections waiting in the warm pool (--warm-connections).",
             ),
             upstream_connect_seconds: histogram(
                 "redis_proxy_upstream_connect_seconds",
@@ -140,6 +146,7 @@ impl Metrics {
             Box::new(self.client_connections_total.clone()),
             Box::new(self.client_rejections.clone()),
             Box::new(self.upstream_connections.clone()),
+            Box::new(self.warm_connections.clone()),
             Box::new(self.upstream_connect_seconds.clone()),
             Box::new(self.upstream_errors.clone()),
             Box::new(self.reauth_success.clone()),

@@ -9,16 +9,17 @@
 
 use crate::admin::{AdminServer, AdminState};
 use crate::config::{Config, ConfigError, ListenAddr};
-use crate::credential::{AuthCredential, AuthKind, CredentialManager};
+use crate::connector::{Connector, Ready};
+use crate::credential::{AuthKind, CredentialManager};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::pool::WarmPool;
 use crate::relay::{RelayContext, Session, SessionEnd};
 use crate::shutdown::Shutdown;
-use crate::upstream::{Upstream, UpstreamError, UpstreamStream, tune_socket};
+use crate::upstream::{Upstream, tune_socket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -43,14 +44,14 @@ pub enum ServerError {
 
 /// What every connection task shares.
 struct Shared {
-    upstream: Upstream,
-    credentials: CredentialManager,
+    connector: Arc<Connector>,
+    /// `--warm-connections N > 0`: connections authenticated ahead of demand.
+    pool: Option<WarmPool>,
     relay: Arc<RelayContext>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     slots: Option<Arc<Semaphore>>,
     max_connections: usize,
-    connect_timeout: Duration,
     /// Cancelled when the grace period is over: live sessions end.
     close_sessions: CancellationToken,
     next_id: AtomicU64,
@@ -93,8 +94,24 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         None => None,
     };
     let listener = bind(&config.listen).await?;
-    let shared = Arc::new(Shared {
+    let connector = Arc::new(Connector {
         upstream,
+        credentials,
+        metrics: metrics.clone(),
+        authenticate,
+        connect_timeout: config.connect_timeout,
+    });
+    let pool = (config.warm_connections > 0).then(|| {
+        WarmPool::start(
+            config.warm_connections,
+            connector.clone(),
+            health.clone(),
+            stop_background.clone(),
+        )
+    });
+    let shared = Arc::new(Shared {
+        connector,
+        pool,
         relay: Arc::new(RelayContext {
             database: config.database,
             listen_password: config.listen_password.clone(),
@@ -103,11 +120,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         }),
         metrics,
         health,
-        credentials,
         slots: (config.max_connections > 0)
             .then(|| Arc::new(Semaphore::new(config.max_connections))),
         max_connections: config.max_connections,
-        connect_timeout: config.connect_timeout,
         close_sessions: CancellationToken::new(),
         next_id: AtomicU64::new(1),
     });
@@ -161,11 +176,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 /// the app container gated on it) doesn't wait for the first client. Retries until it works.
 async fn startup_probe(shared: Arc<Shared>, stop: CancellationToken) {
     let mut delay = Duration::from_millis(500);
+    let upstream = shared.connector.upstream.addr();
     while !shared.health.started() && !stop.is_cancelled() {
-        match open_upstream(&shared).await {
+        match shared.connector.open().await {
             Ok(_) => {
                 shared.health.mark_started();
-                tracing::info!(upstream = %shared.upstream.addr(), "ready: an upstream connection authenticated");
+                tracing::info!(upstream = %upstream, "ready: an upstream connection authenticated");
                 return;
             }
             Err(reason) => {
@@ -176,53 +192,6 @@ async fn startup_probe(shared: Arc<Shared>, stop: CancellationToken) {
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
-        }
-    }
-}
-
-/// Why an upstream connection could not be made ready for a client.
-enum OpenError {
-    NoCredential(String),
-    Upstream(UpstreamError),
-}
-
-impl std::fmt::Display for OpenError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OpenError::NoCredential(e) => write!(f, "no credential for the upstream: {e}"),
-            OpenError::Upstream(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-/// A credential (unless `--auth none`) and an authenticated upstream connection, measured.
-async fn open_upstream(
-    shared: &Shared,
-) -> Result<(UpstreamStream, Option<Arc<AuthCredential>>), OpenError> {
-    let credential = if shared.relay.authenticate {
-        let c = shared
-            .credentials
-            .wait_current(shared.connect_timeout)
-            .await;
-        Some(c.map_err(|e| OpenError::NoCredential(e.to_string()))?)
-    } else {
-        None
-    };
-    let started = Instant::now();
-    match shared.upstream.connect(credential.as_deref()).await {
-        Ok(stream) => {
-            let m = &shared.metrics;
-            m.upstream_connect_seconds
-                .observe(started.elapsed().as_secs_f64());
-            Ok((stream, credential))
-        }
-        Err(e) => {
-            shared
-                .metrics
-                .upstream_errors
-                .with_label_values(&[e.kind()])
-                .inc();
-            Err(OpenError::Upstream(e))
         }
     }
 }
@@ -355,17 +324,21 @@ where
             .inc();
         return reject(client, &reason).await;
     };
-    let (upstream, credential) = match open_upstream(&shared).await {
-        Ok(opened) => opened,
+    let warm = shared.pool.as_ref().and_then(WarmPool::take);
+    let opened = match warm {
+        Some(ready) => Ok(ready),
+        None => shared.connector.open().await,
+    };
+    let Ready {
+        stream: upstream,
+        credential,
+    } = match opened {
+        Ok(ready) => ready,
         Err(e) => {
-            let reason = match e {
-                OpenError::NoCredential(_) => "no_credential",
-                OpenError::Upstream(_) => "upstream",
-            };
             shared
                 .metrics
                 .client_rejections
-                .with_label_values(&[reason])
+                .with_label_values(&[e.rejection_reason()])
                 .inc();
             tracing::warn!(conn = id, error = %e, "cannot serve client");
             return reject(client, &e.to_string()).await;
@@ -380,7 +353,7 @@ where
         client,
         upstream,
         credential,
-        shared.credentials.subscribe(),
+        shared.connector.credentials.subscribe(),
     );
     let end = session.run(shared.close_sessions.clone()).await;
     shared.metrics.upstream_connections.dec();

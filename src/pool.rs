@@ -1,0 +1,316 @@
+//! The warm pool (`--warm-connections N`): upstream connections opened and authenticated ahead
+//! of demand, so a new client starts relaying at once instead of waiting for a TCP connect, a
+//! TLS handshake and an `AUTH` round trip.
+//!
+//! It matters for applications that open a connection per request (PHP, scripts, a Flask app
+//! that builds a client per request): each of them pays a local connect instead of a remote
+//! handshake. The price is `N` idle connections that count against the cache's connection limit.
+//!
+//! The rules, all in [`WarmPool::take`] and the background task [`maintain`]:
+//! * a client takes the oldest idle connection; the pool refills in the background;
+//! * every new credential (a refreshed token, a rotated key file) re-authenticates each idle
+//!   connection, and idle connections are `PING`ed every [`SERVICE_INTERVAL`] so that dead ones
+//!   (and Azure's idle timeout) are found before a client gets them;
+//! * a connection whose token expires within [`TAKE_MARGIN`], or whose socket was closed by the
+//!   server, is never handed out: it is dropped and the client gets the next one (or a fresh
+//!   connection when the pool is empty). A handed-out connection on an older, still valid token
+//!   is re-authenticated by its session at once, like any live connection.
+
+use crate::connector::{Connector, Ready};
+use crate::credential::AuthCredential;
+use crate::health::Health;
+use crate::upstream::{UpstreamStream, roundtrip};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How often idle connections are `PING`ed (well inside Azure's 10-minute idle timeout).
+pub const SERVICE_INTERVAL: Duration = Duration::from_secs(30);
+/// A pooled connection whose token expires sooner than this is not handed to a client: its
+/// session might not get a new `AUTH` through in time.
+pub const TAKE_MARGIN: Duration = Duration::from_secs(2);
+/// Connections opened at once while filling (a large pool fills in rounds).
+const FILL_CONCURRENCY: usize = 16;
+/// Ids of pooled connections (for the re-auth deadline metric) stay apart from session ids.
+const POOL_ID_BASE: u64 = 1 << 62;
+/// First and longest wait after a failed fill.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+const REAUTH_REFUSED: &str = "re-authentication refused";
+
+/// An idle, authenticated connection waiting for a client.
+struct Idle {
+    id: u64,
+    ready: Ready,
+}
+
+/// The pool, shared by the accept path (which takes) and the background task (which fills).
+pub struct WarmPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    size: usize,
+    idle: Mutex<VecDeque<Idle>>,
+    /// A connection was taken: refill.
+    taken: Notify,
+    connector: Arc<Connector>,
+    next_id: AtomicU64,
+}
+
+impl WarmPool {
+    /// Starts keeping `size` connections ready; the background task stops with `stop`.
+    pub fn start(
+        size: usize,
+        connector: Arc<Connector>,
+        health: Arc<Health>,
+        stop: CancellationToken,
+    ) -> WarmPool {
+        let inner = Arc::new(Inner {
+            size,
+            idle: Mutex::new(VecDeque::with_capacity(size)),
+            taken: Notify::new(),
+            connector,
+            next_id: AtomicU64::new(POOL_ID_BASE),
+        });
+        tokio::spawn(maintain(inner.clone(), health, stop));
+        WarmPool { inner }
+    }
+
+    /// An idle connection that is still open and whose token is good for at least
+    /// [`TAKE_MARGIN`], or `None` (the caller then connects itself).
+    pub fn take(&self) -> Option<Ready> {
+        let deadline = SystemTime::now() + TAKE_MARGIN;
+        loop {
+            let entry = self.inner.pop()?;
+            self.inner.taken.notify_one();
+            let usable = entry
+                .ready
+                .credential
+                .as_ref()
+                .is_none_or(|c| c.is_valid_at(deadline))
+                && looks_open(&entry.ready.stream);
+            if usable {
+                return Some(entry.ready);
+            }
+            tracing::debug!(
+                pooled = entry.id - POOL_ID_BASE,
+                "dropping a warm connection that is closed or whose token expires too soon"
+            );
+        }
+    }
+
+    /// Idle connections now.
+    pub fn idle(&self) -> usize {
+        self.inner.lock().len()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        // A panic while holding this lock leaves a plain queue behind: still usable.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.connector.metrics
+    }
+
+    /// Takes the oldest entry out (it is no longer counted as pooled).
+    fn pop(&self) -> Option<Idle> {
+        let mut idle = self.lock();
+        let entry = idle.pop_front()?;
+        self.metrics().warm_connections.set(idle.len() as i64);
+        drop(idle);
+        self.forget(&entry);
+        Some(entry)
+    }
+
+    /// Takes every entry out, to service them.
+    fn drain(&self) -> Vec<Idle> {
+        let mut idle = self.lock();
+        let all: Vec<Idle> = idle.drain(..).collect();
+        self.metrics().warm_connections.set(0);
+        drop(idle);
+        for entry in &all {
+            self.forget(entry);
+        }
+        all
+    }
+
+    /// Puts an entry (back) at the end of the queue.
+    fn push(&self, entry: Idle) {
+        let expiry = entry.ready.credential.as_ref().and_then(|c| c.expires_at);
+        self.metrics().set_auth_expiry(entry.id, expiry);
+        self.metrics().upstream_connections.inc();
+        let mut idle = self.lock();
+        idle.push_back(entry);
+        self.metrics().warm_connections.set(idle.len() as i64);
+    }
+
+    fn forget(&self, entry: &Idle) {
+        self.metrics().forget_connection(entry.id);
+        self.metrics().upstream_connections.dec();
+    }
+
+    fn missing(&self) -> usize {
+        self.size.saturating_sub(self.lock().len())
+    }
+}
+
+/// Fills the pool, refills it after each take, re-authenticates idle connections when the
+/// credential changes and `PING`s them every [`SERVICE_INTERVAL`].
+async fn maintain(inner: Arc<Inner>, health: Arc<Health>, stop: CancellationToken) {
+    let mut credentials = inner.connector.credentials.subscribe();
+    let mut watching = inner.connector.authenticate;
+    let mut retry = RETRY_MIN;
+    let mut service = tokio::time::interval(SERVICE_INTERVAL);
+    service.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    service.reset(); // the first tick is one interval away, not now
+    loop {
+        let missing = inner.missing();
+        if missing > 0 {
+            let filled = tokio::select! {
+                r = fill(&inner, missing.min(FILL_CONCURRENCY)) => r,
+                _ = stop.cancelled() => break,
+            };
+            match filled {
+                Ok(()) => {
+                    health.mark_started();
+                    retry = RETRY_MIN;
+                    continue;
+                }
+                Err(reason) => {
+                    tracing::warn!(error = %reason, retry_in = ?retry, "warm pool: cannot open an upstream connection");
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    retry = (retry * 2).min(RETRY_MAX);
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = inner.taken.notified() => {}
+            r = credentials.changed(), if watching => match r {
+                Ok(()) => service_all(&inner).await,
+                Err(_) => watching = false,
+            },
+            _ = service.tick() => service_all(&inner).await,
+            _ = stop.cancelled() => break,
+        }
+    }
+    inner.drain();
+}
+
+/// Opens `count` connections at once and pools those that worked; the first error, if any.
+async fn fill(inner: &Arc<Inner>, count: usize) -> Result<(), String> {
+    let mut opening = JoinSet::new();
+    for _ in 0..count {
+        let connector = inner.connector.clone();
+        opening.spawn(async move { connector.open().await });
+    }
+    let mut first_error = None;
+    while let Some(opened) = opening.join_next().await {
+        match opened {
+            Ok(Ok(ready)) => {
+                let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+                inner.push(Idle { id, ready });
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| format!("connect task failed: {e}"));
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Takes every idle connection out, re-authenticates it (newer credential) or `PING`s it, and
+/// puts back those that answered. Clients arriving meanwhile connect themselves.
+async fn service_all(inner: &Arc<Inner>) {
+    let newest = inner
+        .connector
+        .credentials
+        .subscribe()
+        .borrow()
+        .current
+        .clone();
+    let timeout = inner.connector.connect_timeout;
+    let mut servicing = JoinSet::new();
+    for entry in inner.drain() {
+        let newest = newest.clone();
+        servicing.spawn(async move {
+            tokio::time::timeout(timeout, service(entry, newest))
+                .await
+                .unwrap_or(Err("no answer in time"))
+        });
+    }
+    while let Some(done) = servicing.join_next().await {
+        match done {
+            Ok(Ok((entry, reauthenticated))) => {
+                if reauthenticated {
+                    inner.metrics().reauth_success.inc();
+                }
+                inner.push(entry);
+            }
+            Ok(Err(reason)) => {
+                if reason == REAUTH_REFUSED {
+                    inner.metrics().reauth_failure.inc();
+                }
+                tracing::debug!(reason, "warm pool: dropping an idle connection");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// One idle connection: `AUTH` when a newer credential exists, else `PING`. True in the result
+/// when it was re-authenticated.
+async fn service(
+    mut entry: Idle,
+    newest: Option<Arc<AuthCredential>>,
+) -> Result<(Idle, bool), &'static str> {
+    let stale = match (&entry.ready.credential, &newest) {
+        (Some(current), Some(newest)) => current.generation < newest.generation,
+        _ => false,
+    };
+    let command = match (&newest, stale) {
+        (Some(newest), true) => newest.auth_command().clone(),
+        _ => Bytes::from_static(PING),
+    };
+    let replies = roundtrip(&mut entry.ready.stream, &[command])
+        .await
+        .map_err(|_| "connection broken")?;
+    if !replies.first().is_some_and(|r| r.starts_with(b"+")) {
+        return Err(if stale {
+            REAUTH_REFUSED
+        } else {
+            "PING refused"
+        });
+    }
+    if stale {
+        entry.ready.credential = newest;
+    }
+    Ok((entry, stale))
+}
+
+/// False when the server has closed the connection (or sent anything: an idle connection
+/// receives nothing, so pending bytes mean a TLS alert or an error before a close).
+fn looks_open(stream: &UpstreamStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(stream.tcp()).peek(&mut byte) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(_) => false,
+    }
+}
