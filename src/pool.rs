@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub const SERVICE_INTERVAL: Duration = Duration::from_secs(30);
 /// A pooled connection whose token expires sooner than this is not handed to a client: its
 /// session might not get a new `AUTH` through in time.
-pub const TAKE_MARGIN: Duration = Duration::from_secs(2);
+pub const TAKE_MARGIN: Duration = Duration::from_millis(500);
 /// Connections opened at once while filling (a large pool fills in rounds).
 const FILL_CONCURRENCY: usize = 16;
 /// Ids of pooled connections (for the re-auth deadline metric) stay apart from session ids.
