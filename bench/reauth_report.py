@@ -9,7 +9,8 @@ Inputs (all written by run.sh and its helpers):
              <reauth_success> <reauth_failure> <upstream_connections>` every 25 ms.
   --windows  the load's windows: `<start> <end> GET,rps,avg,min,p50,p95,p99,max` (one
              redis-benchmark --csv run each).
-  --after    unix time the load started: refreshes before it are not reported.
+  --after, --until  unix times the load started and stopped: only refreshes in between are
+             reported (the others still keep their windows out of the quiet ones).
   --idle     how many idle connections were held.
 
 For each refresh R at time T: the re-auth is complete at the first poll at which
@@ -48,6 +49,8 @@ def main():
     p.add_argument("--metrics", required=True)
     p.add_argument("--windows", required=True)
     p.add_argument("--after", type=float, required=True)
+    p.add_argument("--until", type=float, required=True,
+                   help="unix time the load stopped: later refreshes are not reported")
     p.add_argument("--idle", type=int, required=True)
     p.add_argument("--md", required=True)
     args = p.parse_args()
@@ -92,7 +95,7 @@ def main():
         t, done = r[0], r[1]
         return t, (done if done is not None else t + 10.0)
 
-    reported = [r for r in rotations if r[0] >= args.after]
+    reported = [r for r in rotations if args.after <= r[0] <= args.until]
     rot_win, quiet_win = [], []
     for w in windows:
         if w[0] < args.after:
@@ -115,8 +118,8 @@ def main():
         md.write("| refresh | re-auths until all %d done | time to the first re-auth | time to re-authenticate all | re-auth failures | clients connected |\n" % args.idle)
         md.write("| --- | ---: | ---: | ---: | ---: | ---: |\n")
         for i, (t, done, first, delta, fails, clients) in enumerate(reported, 1):
-            md.write("| %d | %d | %s ms | %s | %d | %d |\n" % (
-                i, delta, fmt(None if first is None else (first - t) * 1000, 0),
+            md.write("| %d | %d | %s | %s | %d | %d |\n" % (
+                i, delta, "none" if first is None else "%.0f ms" % ((first - t) * 1000),
                 "not complete" if done is None else "%.0f ms" % ((done - t) * 1000),
                 fails, clients))
         md.write("\n| load windows (redis-benchmark -c 10 GET) | windows | median p50 ms | median p99 ms | max p99 ms |\n")
