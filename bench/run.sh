@@ -148,10 +148,16 @@ start_bg() {
     PIDS+=("$BG_PID")
 }
 
-# stop_bg PID: stop one process this script started, and wait for it
+# stop_bg PID: stop one process this script started, wait for it, and forget it (so that the
+# cleanup never signals a recycled pid)
 stop_bg() {
+    local pid keep=()
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
+    for pid in "${PIDS[@]}"; do
+        [ "$pid" = "$1" ] || keep+=("$pid")
+    done
+    PIDS=("${keep[@]}")
 }
 
 # wait_ping NAME PID redis-cli-args...: until PING answers PONG (or the process died)
@@ -666,7 +672,7 @@ ping_idle() {
 }
 release_idle() {
     exec 7>&-
-    wait "$HOLDER_PID" 2>/dev/null || true
+    stop_bg "$HOLDER_PID"
 }
 # idle_rss NAME PID PORT [holder args]: KiB of RSS per idle connection held through PID
 idle_rss() {
@@ -763,6 +769,7 @@ sleep $(( LIFETIME / 4 + 2 ))
 LOAD_T1="$(date +%s.%N)"
 touch "$WORK/stop"
 wait "$LOAD_PID" 2>/dev/null || true
+stop_bg "$LOAD_PID"
 stop_bg "$POLL_PID"
 ping_idle
 log "reauth: after the rotation(s) $PONG_OK idle connections answered PING, $PONG_FAILED failed"
