@@ -586,10 +586,32 @@ setup_one() {
     # proxies dial one upstream connection per client
     echo "$round $path $(awk -v r="$rps" 'BEGIN{printf "%.4f", 1000 / r}') $(awk -v a="$c0" -v b="$c1" -v n="$N_SETUP" 'BEGIN{printf "%.2f", (b - a - 2) / n}')" >>"$SETUP_RESULTS"
 }
-log "connection setup: $ROUNDS interleaved rounds x ${#SETUP_PATHS[@]} paths x $N_SETUP connections"
+# Paced: connect, (AUTH,) PING, close, then 25 ms of nothing (a warm pool refills), N_PACED
+# times; the latency of each connection is measured by connect_latency.py.
+N_PACED=200
+[ "$QUICK" -eq 0 ] || N_PACED=60
+PACED_RESULTS="$WORK/paced.txt" # round path median_ms p90_ms p99_ms min_ms
+: >"$PACED_RESULTS"
+paced_one() {
+    local round="$1" path="$2" args out
+    case "$path" in
+        direct-plain) args=(--port "$PLAIN_PORT" --user "$USER_NAME" --password "$PASS") ;;
+        direct-tls) args=(--port "$TLS_PORT" --tls --cafile "$CA" --sni localhost --user "$USER_NAME" --password "$PASS") ;;
+        stunnel) args=(--port "$STUNNEL_PORT" --user "$USER_NAME" --password "$PASS") ;;
+        haproxy) args=(--port "$HAPROXY_PORT" --user "$USER_NAME" --password "$PASS") ;;
+        entra-proxy) args=(--port "$PROXY_PORT") ;;
+        entra-proxy-warm) args=(--port "$WARM_PORT") ;;
+    esac
+    out="$(timeout 120 python3 "$BENCH_DIR/connect_latency.py" "${args[@]}" -n "$N_PACED" --gap-ms 25)" ||
+        die "paced connection setup failed on $path"
+    echo "$round $path $out" >>"$PACED_RESULTS"
+}
+log "connection setup: $ROUNDS interleaved rounds x ${#SETUP_PATHS[@]} paths x ($N_SETUP back-to-back + $N_PACED paced connections)"
 for round in $(seq 1 "$ROUNDS"); do
     for k in $(seq 0 $(( ${#SETUP_PATHS[@]} - 1 ))); do
-        setup_one "$round" "${SETUP_PATHS[$(( (k + round - 1) % ${#SETUP_PATHS[@]} ))]}"
+        path="${SETUP_PATHS[$(( (k + round - 1) % ${#SETUP_PATHS[@]} ))]}"
+        setup_one "$round" "$path"
+        paced_one "$round" "$path"
     done
     log "setup round $round done"
 done
@@ -597,9 +619,11 @@ done
 awk '$2 ~ /^direct/ && $4 < 0.95 { bad = 1 } END { exit bad }' "$SETUP_RESULTS" ||
     die "redis-benchmark -k 0 did not reconnect for every request: $(cat "$SETUP_RESULTS")"
 {
-echo "### Connection setup (one client: connect, AUTH where the path needs it, PING, close; $N_SETUP per run, $ROUNDS rounds, medians)"
+echo "### Connection setup (one client: connect, AUTH where the path needs it, PING, close; $ROUNDS rounds, medians)"
 echo
-awk -v summary="$SUMMARY" -v warm="$WARM_ACTIVE" '
+echo "Back-to-back: \`redis-benchmark -c 1 -n $N_SETUP -k 0 ping\`, ms per connection = 1000 / rps. Paced: $N_PACED connections 25 ms apart (connect_latency.py), latency from connect() to the PONG."
+echo
+awk -v summary="$SUMMARY" -v warm="$WARM_ACTIVE" -v paced="$PACED_RESULTS" '
 function median(s,   n, i, j, t, a) {
     n = split(s, a, " ")
     for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
@@ -607,19 +631,25 @@ function median(s,   n, i, j, t, a) {
 }
 { ms[$2] = ms[$2] " " $3; up[$2] = up[$2] " " $4; if (min[$2] == "" || $3 < min[$2]) min[$2] = $3; if ($3 > max[$2]) max[$2] = $3 }
 END {
-    print "| path | ms per connection | min..max over rounds | x direct TLS | server connections per client connection |"
-    print "| --- | ---: | ---: | ---: | ---: |"
+    while ((getline line < paced) > 0) {
+        split(line, f, " ")
+        pm[f[2]] = pm[f[2]] " " f[3]; p90[f[2]] = p90[f[2]] " " f[4]; p99[f[2]] = p99[f[2]] " " f[5]
+    }
+    print "| path | back-to-back ms per connection | min..max over rounds | x direct TLS | server connections per client connection | paced median ms | paced p90 ms | paced p99 ms |"
+    print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     np = split("direct-plain direct-tls stunnel haproxy entra-proxy entra-proxy-warm", paths, " ")
     tls = median(ms["direct-tls"])
     for (p = 1; p <= np; p++) {
         path = paths[p]
         if (!(path in ms)) continue
         m = median(ms[path])
-        printf "| %s | %.3f | %.3f..%.3f | %.2f | %.2f |\n", path, m, min[path], max[path], m / tls, median(up[path])
+        printf "| %s | %.3f | %.3f..%.3f | %.2f | %.2f | %.3f | %.3f | %.3f |\n", path, m, min[path], max[path], m / tls, median(up[path]), median(pm[path]), median(p90[path]), median(p99[path])
     }
-    printf "| connect + PING (ms per connection) | entra-proxy (no pool) | %.3f ms | - |\n", median(ms["entra-proxy"]) >> summary
-    printf "| connect + PING (ms per connection) | entra-proxy-warm (--warm-connections 8, pool active: %s) | %.3f ms | <= 0.25 ms |\n", (warm ~ /^yes/ ? "yes" : "NO"), median(ms["entra-proxy-warm"]) >> summary
-    printf "| connect + AUTH + PING (ms per connection) | haproxy / direct TLS | %.3f / %.3f ms | - |\n", median(ms["haproxy"]), tls >> summary
+    w = (warm ~ /^yes/ ? "yes" : "NO")
+    printf "| connect + PING, paced (median ms) | entra-proxy-warm (--warm-connections 8, pool active: %s) | %.3f ms | <= 0.25 ms |\n", w, median(pm["entra-proxy-warm"]) >> summary
+    printf "| connect + PING, paced (median ms) | entra-proxy (no pool) / direct-plain (floor) | %.3f / %.3f ms | - |\n", median(pm["entra-proxy"]), median(pm["direct-plain"]) >> summary
+    printf "| connect + PING, back-to-back (ms per connection) | entra-proxy-warm (pool active: %s) / entra-proxy | %.3f / %.3f ms | - |\n", w, median(ms["entra-proxy-warm"]), median(ms["entra-proxy"]) >> summary
+    printf "| connect + AUTH + PING, back-to-back (ms per connection) | haproxy / direct TLS | %.3f / %.3f ms | - |\n", median(ms["haproxy"]), tls >> summary
     printf "\nentra-proxy-warm: pool active: %s.\n", warm
 }' "$SETUP_RESULTS"
 echo
