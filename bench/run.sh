@@ -773,6 +773,7 @@ POLL_PID=$BG_PID
 # window's start/end (unix ms) and its CSV row go to windows.txt
 read -r -a load_args <<<"$(echo -h 127.0.0.1 -p "$REAUTH_PORT" -c "$LOAD_C" -n "$N_WIN" -t get -d 64)"
 rm -f "$WORK/stop"
+LOAD_T0="$(date +%s.%N)" # before the first window starts: no window is left out of the analysis
 (
     while [ ! -e "$WORK/stop" ]; do
         t0="$(date +%s.%N)"
@@ -783,7 +784,6 @@ rm -f "$WORK/stop"
 ) >"$WORK/windows.txt" 2>/dev/null &
 LOAD_PID=$!
 PIDS+=("$LOAD_PID")
-LOAD_T0="$(date +%s.%N)"
 # Wait for ROTATIONS token refreshes that start after the load did, then for the re-auth
 # deadline of the last one (a quarter of the lifetime), bounded.
 log "reauth: load running; waiting for $ROTATIONS token refresh(es) (one every $(( LIFETIME / 2 ))s)"
