@@ -1129,17 +1129,22 @@ fn is_loopback(listen: &ListenAddr) -> bool {
 /// and validated now, so a bad chart value stops the injector with one line at start-up.
 fn injector(args: InjectorArgs, lookup: &Lookup) -> Result<InjectorConfig, ConfigError> {
     let listen = match lookup.get(&args.listen, INJECTOR_LISTEN) {
-        Some(given) => given.parse_or_explain(parse_bind_address, "host:port, e.g. 0.0.0.0:8443")?,
+        Some(given) => {
+            given.parse_or_explain(parse_bind_address, "host:port, e.g. 0.0.0.0:8443")?
+        }
         None => DEFAULT_INJECTOR_LISTEN.to_string(),
     };
     let required = |flag: &Option<String>, opt: Opt, what: &str| {
-        lookup.get(flag, opt).map(|given| given.path()).ok_or_else(|| {
-            ConfigError(format!(
-                "no {what}: set {} PATH (or {}) to a PEM file, e.g. the tls.crt/tls.key of \
+        lookup
+            .get(flag, opt)
+            .map(|given| given.path())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "no {what}: set {} PATH (or {}) to a PEM file, e.g. the tls.crt/tls.key of \
                  the Secret cert-manager writes",
-                opt.flag, opt.var
-            ))
-        })
+                    opt.flag, opt.var
+                ))
+            })
     };
     let tls_cert_file = required(
         &args.tls_cert_file,
@@ -1176,12 +1181,8 @@ fn injector_defaults(given: &Given) -> Result<sidecar::Options, ConfigError> {
             given.origin, given.value
         ))
     })?;
-    sidecar::Options::from_defaults_json(&text).map_err(|why| {
-        ConfigError(format!(
-            "invalid {} {}: {why}",
-            given.origin, given.value
-        ))
-    })
+    sidecar::Options::from_defaults_json(&text)
+        .map_err(|why| ConfigError(format!("invalid {} {}: {why}", given.origin, given.value)))
 }
 
 // ---------------------------------------------------------------------------------------------

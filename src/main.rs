@@ -4,8 +4,8 @@
 //! part of the contract: 0 success, 1 failure at run time (or a failed `check`), 2 a
 //! configuration or usage error.
 
-use redis_entra_proxy::config::{self, Command, Config};
 use redis_entra_proxy::config::InjectorConfig;
+use redis_entra_proxy::config::{self, Command, Config};
 use redis_entra_proxy::{check, injector, logging, ops_client, server};
 use std::io::Write;
 use std::process::ExitCode;

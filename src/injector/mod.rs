@@ -93,12 +93,13 @@ pub async fn run(config: InjectorConfig) -> Result<(), InjectorError> {
     let mut signals = Signals::new();
     let certs = CertStore::load(&config.tls_cert_file, &config.tls_key_file)
         .map_err(|why| InjectorError::Config(format!("configuration error: {why}")))?;
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| InjectorError::Bind {
-            addr: config.listen.clone(),
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| InjectorError::Bind {
+                addr: config.listen.clone(),
+                source,
+            })?;
     let address = listener
         .local_addr()
         .map_or_else(|_| config.listen.clone(), |addr| addr.to_string());

@@ -86,7 +86,10 @@ fn check_conflicts(spec: &Map<String, Value>, options: &Options) -> Result<(), S
         let ports = container.get("ports").and_then(Value::as_array);
         for port in ports.into_iter().flatten() {
             let number = port.get("containerPort").and_then(Value::as_u64);
-            if let Some(clash) = sidecar_ports.iter().find(|p| Some(u64::from(**p)) == number) {
+            if let Some(clash) = sidecar_ports
+                .iter()
+                .find(|p| Some(u64::from(**p)) == number)
+            {
                 return Err(format!(
                     "container {name:?} declares port {clash}, which the redis-entra-proxy \
                      sidecar binds: set redis-entra-proxy.io/admin-port (or \
@@ -261,7 +264,8 @@ mod tests {
         assert!(message.contains("port 9090"), "{message}");
         let mut metadata = labelled();
         metadata["annotations"] = json!({"redis-entra-proxy.io/access-key-secret": "k"});
-        let spec = json!({"containers": [{"name": "app"}], "volumes": [{"name": ACCESS_KEY_VOLUME}]});
+        let spec =
+            json!({"containers": [{"name": "app"}], "volumes": [{"name": ACCESS_KEY_VOLUME}]});
         assert!(matches!(
             decide(&pod(metadata, spec), &defaults()),
             Decision::Deny(_)

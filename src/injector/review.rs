@@ -87,7 +87,9 @@ pub fn answer(body: &[u8], defaults: &Options) -> Result<(Value, Outcome), BadRe
         .request
         .ok_or_else(|| BadReview("the AdmissionReview has no request".into()))?;
     if request.uid.is_empty() {
-        return Err(BadReview("the AdmissionReview's request.uid is empty".into()));
+        return Err(BadReview(
+            "the AdmissionReview's request.uid is empty".into(),
+        ));
     }
     let decision = decide_request(&request, defaults);
     let outcome = Outcome {
@@ -114,7 +116,11 @@ fn decide_request(request: &Request, defaults: &Options) -> Decision {
     if request.operation.as_deref() != Some("CREATE") {
         return Decision::Allow("not a CREATE");
     }
-    if request.sub_resource.as_deref().is_some_and(|s| !s.is_empty()) {
+    if request
+        .sub_resource
+        .as_deref()
+        .is_some_and(|s| !s.is_empty())
+    {
         return Decision::Allow("a subresource");
     }
     match &request.object {
@@ -149,7 +155,11 @@ fn response(uid: &str, decision: Decision) -> Value {
 fn pod_name(request: &Request) -> String {
     let metadata = request.object.as_ref().and_then(|o| o.get("metadata"));
     let field = |key: &str| metadata.and_then(|m| m.get(key)).and_then(Value::as_str);
-    let name = match (request.name.as_deref(), field("name"), field("generateName")) {
+    let name = match (
+        request.name.as_deref(),
+        field("name"),
+        field("generateName"),
+    ) {
         (Some(name), _, _) if !name.is_empty() => name.to_string(),
         (_, Some(name), _) => name.to_string(),
         (_, _, Some(prefix)) => format!("{prefix}*"),
@@ -210,10 +220,7 @@ mod tests {
         subresource["subResource"] = json!("binding");
         for request in [other_kind, pod_request("UPDATE", labelled), subresource] {
             let (response, _) = answer(&review(request), &defaults()).expect("answered");
-            assert_eq!(
-                response["response"],
-                json!({"uid": "u-1", "allowed": true})
-            );
+            assert_eq!(response["response"], json!({"uid": "u-1", "allowed": true}));
         }
     }
 

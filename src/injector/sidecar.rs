@@ -283,16 +283,17 @@ impl Options {
         let mut options = self.clone();
         for field in FIELDS {
             if let Some(value) = annotation(annotations, field.annotation)? {
-                (field.set)(&mut options, &value).map_err(|why| {
-                    format!("{PREFIX}{}: {value:?} {why}", field.annotation)
-                })?;
+                (field.set)(&mut options, &value)
+                    .map_err(|why| format!("{PREFIX}{}: {value:?} {why}", field.annotation))?;
             }
         }
         for (name, kind, resource) in RESOURCE_FIELDS {
             if let Some(value) = annotation(annotations, name)? {
-                check_quantity(&value)
-                    .map_err(|why| format!("{PREFIX}{name}: {value:?} {why}"))?;
-                options.resources.entries(*kind).insert(resource.to_string(), value);
+                check_quantity(&value).map_err(|why| format!("{PREFIX}{name}: {value:?} {why}"))?;
+                options
+                    .resources
+                    .entries(*kind)
+                    .insert(resource.to_string(), value);
             }
         }
         options.check()?;
@@ -761,7 +762,11 @@ mod tests {
     #[test]
     fn every_bad_value_names_the_annotation_the_value_and_what_is_expected() {
         let cases = [
-            ("database", "abc", "is not a database number (0..=2147483647)"),
+            (
+                "database",
+                "abc",
+                "is not a database number (0..=2147483647)",
+            ),
             ("database", "2147483648", "0..=2147483647"),
             ("database", "-1", "0..=2147483647"),
             ("upstream", "a b", "HOST:PORT"),
@@ -848,10 +853,14 @@ mod tests {
 
     #[test]
     fn quantities() {
-        for good in ["1", "100m", "0.5", ".5", "5.", "64Mi", "1G", "2Ki", "1e3", "1E-2"] {
+        for good in [
+            "1", "100m", "0.5", ".5", "5.", "64Mi", "1G", "2Ki", "1e3", "1E-2",
+        ] {
             assert!(quantity_value(good).is_some(), "{good}");
         }
-        for bad in ["", "m", "1.2.3", "1mi", "1e", "1e+", "-1", "1 Mi", "Mi1", "."] {
+        for bad in [
+            "", "m", "1.2.3", "1mi", "1e", "1e+", "-1", "1 Mi", "Mi1", ".",
+        ] {
             assert!(quantity_value(bad).is_none(), "{bad}");
         }
         assert_eq!(quantity_value("128Mi"), Some(134217728.0));

@@ -92,24 +92,15 @@ fn stamp(path: &Path) -> Stamp {
 fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|err| {
-            format!(
-                "cannot read the certificate {}: {err}",
-                cert_path.display()
-            )
-        })?;
+        .map_err(|err| format!("cannot read the certificate {}: {err}", cert_path.display()))?;
     if certs.is_empty() {
         return Err(format!(
             "no certificate in {} (expected PEM)",
             cert_path.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|err| {
-        format!(
-            "cannot read the private key {}: {err}",
-            key_path.display()
-        )
-    })?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|err| format!("cannot read the private key {}: {err}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
