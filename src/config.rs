@@ -2339,6 +2339,61 @@ mod tests {
     }
 
     #[test]
+    fn injector_options_from_flags_and_variables() {
+        let defaults = file_with(r#"{"upstream": "cache.example:6380", "adminPort": 9191}"#);
+        let defaults_path = defaults.path().display().to_string();
+        match parse(
+            &[
+                "injector",
+                "--tls-cert-file",
+                "/c.pem",
+                "--listen",
+                "127.0.0.1:9443",
+            ],
+            &[
+                ("REDIS_PROXY_INJECTOR_TLS_KEY_FILE", "/k.pem"),
+                ("REDIS_PROXY_INJECTOR_DEFAULTS_FILE", &defaults_path),
+                ("REDIS_PROXY_INJECTOR_LISTEN", "0.0.0.0:1"),
+                ("REDIS_PROXY_LOG_FORMAT", "json"),
+            ],
+        ) {
+            Ok(Command::Injector(c)) => {
+                assert_eq!(c.listen, "127.0.0.1:9443");
+                assert_eq!(c.tls_cert_file, PathBuf::from("/c.pem"));
+                assert_eq!(c.tls_key_file, PathBuf::from("/k.pem"));
+                assert_eq!(c.defaults.upstream.as_deref(), Some("cache.example:6380"));
+                assert_eq!(c.defaults.admin_port, 9191);
+                assert_eq!(c.log_format, LogFormat::Json);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(
+            &["injector", "--tls-cert-file", "c", "--tls-key-file", "k"],
+            &[],
+        ) {
+            Ok(Command::Injector(c)) => {
+                assert_eq!(c.listen, "0.0.0.0:8443");
+                assert_eq!(c.defaults, sidecar::Options::default());
+                assert_eq!(c.log_format, LogFormat::Text);
+            }
+            other => panic!("{other:?}"),
+        }
+        let line = error(&["injector", "--tls-key-file", "k"], &[]);
+        assert!(line.contains("--tls-cert-file PATH"), "{line}");
+        let bad = file_with(r#"{"logFormat": "xml"}"#);
+        let bad_path = bad.path().display().to_string();
+        let line = error(
+            &["injector", "--tls-cert-file", "c", "--tls-key-file", "k"],
+            &[("REDIS_PROXY_INJECTOR_DEFAULTS_FILE", &bad_path)],
+        );
+        assert!(
+            line.contains("REDIS_PROXY_INJECTOR_DEFAULTS_FILE")
+                && line.contains("field \"logFormat\": \"xml\" is not one of text, json"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn help_and_version_are_text_to_print_and_usage_errors_are_one_line() {
         match parse(&["--help"], &[]) {
             Ok(Command::Help(text)) => {

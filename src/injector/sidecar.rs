@@ -278,8 +278,10 @@ impl Options {
     /// These options overridden by a pod's annotations (those with [`PREFIX`]; others are
     /// ignored, as are empty values), then checked as a whole. The error is the message for
     /// the admission response, e.g. `redis-entra-proxy.io/database: "abc" is not a database
-    /// number (0..=2147483647)`.
+    /// number (0..=2147483647)`. An unknown annotation with our prefix is an error too: a
+    /// misspelt `redis-entra-proxy.io/databse` would otherwise silently give database 0.
     pub fn with_annotations(&self, annotations: &Map<String, Value>) -> Result<Options, String> {
+        check_known(annotations)?;
         let mut options = self.clone();
         for field in FIELDS {
             if let Some(value) = annotation(annotations, field.annotation)? {
@@ -488,6 +490,32 @@ fn annotation(annotations: &Map<String, Value>, name: &str) -> Result<Option<Str
     }
 }
 
+/// Refuses an annotation with [`PREFIX`] that the injector doesn't know, listing those it does.
+fn check_known(annotations: &Map<String, Value>) -> Result<(), String> {
+    let known = || {
+        FIELDS
+            .iter()
+            .map(|field| field.annotation)
+            .chain(RESOURCE_FIELDS.iter().map(|(name, _, _)| *name))
+    };
+    for key in annotations.keys() {
+        let Some(name) = key.strip_prefix(PREFIX) else {
+            continue;
+        };
+        // `inject` is the label, sometimes also written as an annotation; `injected` is ours.
+        if name == "inject" || name == "injected" || known().any(|k| k == name) {
+            continue;
+        }
+        let list: Vec<&str> = known().collect();
+        return Err(format!(
+            "{key} is not an annotation of the injector: expected {PREFIX}<option> with option \
+             one of {}",
+            list.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// `resources` of the defaults file, every quantity validated; it replaces the built-in one.
 fn resources_from_file(file: ResourcesFile) -> Result<Resources, String> {
     let half = |entries: Option<BTreeMap<String, Scalar>>, which: &str| {
@@ -519,7 +547,7 @@ fn set_upstream(options: &mut Options, value: &str) -> Result<(), String> {
     let expected = "is not a cache address: expected HOST, HOST:PORT or [IPv6]:PORT, e.g. \
                     mycache.redis.cache.windows.net:6380";
     match parse_host_port(value) {
-        Ok(_) if !value.contains(char::is_whitespace) => {
+        Ok((_, port)) if port != Some(0) && !value.contains(char::is_whitespace) => {
             options.upstream = Some(value.to_string());
             Ok(())
         }
@@ -772,6 +800,7 @@ mod tests {
             ("upstream", "a b", "HOST:PORT"),
             ("upstream", "rediss://x:6380", "HOST:PORT"),
             ("upstream", "host:99999", "HOST:PORT"),
+            ("upstream", "host:0", "HOST:PORT"),
             ("client-id", "not-a-guid", "GUID"),
             ("listen", "6379", "host:port"),
             ("listen", "unix:relative", "unix:/absolute/path"),
@@ -843,6 +872,20 @@ mod tests {
         assert_eq!(options.resources.limits["memory"], "1.5Gi");
         assert_eq!(options.resources.requests["cpu"], "1e-1");
         assert!(options.args().contains(&"2147483647".to_string()));
+    }
+
+    #[test]
+    fn unknown_annotations_with_the_prefix_are_refused() {
+        let error = with(&[("databse", "3")]).expect_err("typo");
+        assert!(
+            error.starts_with("redis-entra-proxy.io/databse is not an annotation"),
+            "{error}"
+        );
+        assert!(error.contains("database"), "{error}");
+        assert!(with(&[("inject", "true"), ("injected", "false")]).is_ok());
+        let mut others = annotations(&[("upstream", "c")]);
+        others.insert("example.com/databse".into(), json!("x"));
+        assert!(Options::default().with_annotations(&others).is_ok());
     }
 
     #[test]
