@@ -15,7 +15,9 @@
 //! the injector is unreachable or slow, those pods can't be created. So the server is small
 //! and bounded, like the admin endpoint ([`crate::admin`]): a TLS handshake timeout, a header
 //! read timeout, a lifetime per connection, a cap on concurrent connections, and a request body
-//! limit of [`MAX_BODY`] (a Pod's JSON is far smaller; anything bigger is not a review).
+//! limit of [`MAX_BODY`] (a Pod's JSON is far smaller; anything bigger is not a review). A
+//! connection is never cut in the middle of a review: at the end of its lifetime, or on
+//! shutdown, it answers the request in flight first.
 //! Answering is CPU only: no Kubernetes API calls, no network, so a review takes microseconds
 //! and can't hang on anything else.
 //!
@@ -57,10 +59,17 @@ pub const MAX_CONNECTIONS: usize = 128;
 /// How long a client may take to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers, idle keep-alive time included.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long one connection may stay open, however busy: bounds a client that sends its body
-/// slowly or never reads the answer.
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// Longer than the API server's 90 s idle timeout on purpose: then the API server, not the
+/// webhook, closes idle keep-alive connections, and a close can't race its next `POST` (the
+/// classic cause of webhook calls failing with `EOF`, which `failurePolicy: Fail` turns into a
+/// refused pod).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(95);
+/// After this long a connection is closed once its request in flight is answered, however
+/// busy: spreads load over new replicas and bounds what one client can hold.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+/// How long a closing connection (lifetime over, or shutting down) may take to finish its
+/// request in flight; also bounds a client that sends its body slowly or never reads.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a shutdown signal, how long in-flight reviews may take before the process exits.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Read buffer per connection, which bounds the size of a request head.
@@ -179,7 +188,6 @@ async fn serve_connection(
         .max_buf_size(MAX_BUF_SIZE)
         .serve_connection(TokioIo::new(stream), service);
     let mut connection = pin!(connection);
-    let mut lifetime = pin!(tokio::time::sleep(CONNECTION_LIFETIME));
     tokio::select! {
         result = connection.as_mut() => {
             if let Err(error) = result {
@@ -187,16 +195,19 @@ async fn serve_connection(
             }
             return;
         }
-        _ = lifetime.as_mut() => {
-            tracing::debug!(%peer, "injector connection open too long: closed");
-            return;
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+            tracing::debug!(%peer, "injector connection open for {CONNECTION_LIFETIME:?}: closing");
         }
-        _ = stop.cancelled() => connection.as_mut().graceful_shutdown(),
+        _ = stop.cancelled() => {}
     }
-    // Shutting down: the request in flight (if any) is answered, then the connection closes.
-    tokio::select! {
-        _ = connection => {}
-        _ = lifetime => {}
+    // Never cut a review short: the request in flight (if any) is answered, then the
+    // connection closes; a client that takes longer than DRAIN_TIMEOUT is dropped.
+    connection.as_mut().graceful_shutdown();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connection)
+        .await
+        .is_err()
+    {
+        tracing::debug!(%peer, "injector connection still busy after {DRAIN_TIMEOUT:?}: dropped");
     }
 }
 
