@@ -13,6 +13,7 @@
 //! instead of mutating the process environment. An empty value counts as unset, because
 //! templated manifests often render an unset option as `""`.
 
+use crate::injector::sidecar;
 use crate::secret::Secret;
 use clap::{Args, Parser, Subcommand};
 use std::fmt;
@@ -39,6 +40,8 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `wait` polls before giving up (the same default as Cloud SQL Auth Proxy's `wait`).
 const DEFAULT_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Where the injector listens by default (the chart's Service targets this port).
+const DEFAULT_INJECTOR_LISTEN: &str = "0.0.0.0:8443";
 /// The two accepted connection-string forms, quoted by every connection-string error.
 const CONNECTION_STRING_FORMS: &str =
     "expected rediss://[user][:password]@host:port[/db] or host:port,password=...,ssl=True";
@@ -64,8 +67,25 @@ pub enum Command {
         /// The admin endpoint (`host:port`) of the proxy to stop.
         admin: String,
     },
+    /// `injector`: serve the sidecar injector (a mutating admission webhook).
+    Injector(InjectorConfig),
     /// `--help` or `--version`: text for stdout, after which the process exits with status 0.
     Help(String),
+}
+
+/// The resolved configuration of `redis-entra-proxy injector`.
+#[derive(Debug, Clone)]
+pub struct InjectorConfig {
+    /// Where the webhook's HTTPS server listens (`host:port`).
+    pub listen: String,
+    /// The serving certificate (PEM), re-read when it changes.
+    pub tls_cert_file: PathBuf,
+    /// Its private key (PEM), re-read when it changes.
+    pub tls_key_file: PathBuf,
+    /// The sidecar's options before a pod's annotations: built-ins over the defaults file.
+    pub defaults: sidecar::Options,
+    /// Log output format.
+    pub log_format: LogFormat,
 }
 
 /// The resolved configuration of one proxy process.
@@ -357,6 +377,7 @@ pub fn parse_from(
         Some(Sub::Shutdown(admin)) => Ok(Command::Shutdown {
             admin: admin_endpoint(&admin, &lookup)?,
         }),
+        Some(Sub::Injector(args)) => injector(args, &lookup).map(Command::Injector),
     }
 }
 
@@ -429,6 +450,30 @@ enum Sub {
     /// Ask the proxy on --admin-listen to shut down gracefully (POST /quitquitquit), e.g. from a
     /// preStop hook or a Job's last step
     Shutdown(AdminArgs),
+    /// Serve the sidecar injector: the mutating admission webhook (HTTPS, POST /mutate) that
+    /// adds the proxy as a native sidecar to pods labelled redis-entra-proxy.io/inject=true
+    Injector(InjectorArgs),
+}
+
+/// Options of `injector`.
+#[derive(Debug, Args)]
+struct InjectorArgs {
+    /// HTTPS listen address [env: REDIS_PROXY_INJECTOR_LISTEN] [default: 0.0.0.0:8443]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Serving certificate, PEM; re-read when it changes [env: REDIS_PROXY_INJECTOR_TLS_CERT_FILE]
+    #[arg(long, value_name = "PATH")]
+    tls_cert_file: Option<String>,
+    /// Its private key, PEM; re-read when it changes [env: REDIS_PROXY_INJECTOR_TLS_KEY_FILE]
+    #[arg(long, value_name = "PATH")]
+    tls_key_file: Option<String>,
+    /// Chart-wide sidecar defaults, JSON [env: REDIS_PROXY_INJECTOR_DEFAULTS_FILE]
+    #[arg(long, value_name = "PATH")]
+    defaults_file: Option<String>,
+    /// text or json; level from RUST_LOG (default info) [env: REDIS_PROXY_LOG_FORMAT]
+    /// [default: text]
+    #[arg(long, value_name = "F")]
+    log_format: Option<String>,
 }
 
 /// Options of `wait`.
@@ -616,6 +661,10 @@ options! {
     SHUTDOWN_GRACE = "--shutdown-grace", "REDIS_PROXY_SHUTDOWN_GRACE";
     LOG_FORMAT = "--log-format", "REDIS_PROXY_LOG_FORMAT";
     WAIT_MAX = "--max", "REDIS_PROXY_WAIT_MAX";
+    INJECTOR_LISTEN = "--listen", "REDIS_PROXY_INJECTOR_LISTEN";
+    INJECTOR_TLS_CERT_FILE = "--tls-cert-file", "REDIS_PROXY_INJECTOR_TLS_CERT_FILE";
+    INJECTOR_TLS_KEY_FILE = "--tls-key-file", "REDIS_PROXY_INJECTOR_TLS_KEY_FILE";
+    INJECTOR_DEFAULTS_FILE = "--defaults-file", "REDIS_PROXY_INJECTOR_DEFAULTS_FILE";
 }
 
 /// The environment, behind a function so that tests can inject variables.
@@ -763,7 +812,7 @@ fn parse_log_format(value: &str) -> Option<LogFormat> {
 
 /// `host`, `host:port`, `[ipv6]`, `[ipv6]:port` or a bare IPv6 address. The reasons it gives
 /// never quote the input, because connection strings use it too.
-fn parse_host_port(value: &str) -> Result<(String, Option<u16>), &'static str> {
+pub(crate) fn parse_host_port(value: &str) -> Result<(String, Option<u16>), &'static str> {
     if value.contains("://") {
         return Err("that is a URL (give rediss:// URLs with --connection-string)");
     }
@@ -1049,7 +1098,7 @@ fn admin_endpoint(args: &AdminArgs, lookup: &Lookup) -> Result<String, ConfigErr
 }
 
 /// A `host:port` to bind (port 0 picks a free port), normalised with IPv6 in brackets.
-fn parse_bind_address(value: &str) -> Result<String, &'static str> {
+pub(crate) fn parse_bind_address(value: &str) -> Result<String, &'static str> {
     match parse_host_port(value)? {
         (host, Some(port)) => Ok(join_host_port(&host, port)),
         (_, None) => Err("no port"),
@@ -1069,6 +1118,71 @@ fn is_loopback(listen: &ListenAddr) -> bool {
         }
         Err(_) => false,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The injector.
+// ---------------------------------------------------------------------------------------------
+
+/// Resolves `injector`'s options. The certificate files must be given here and are loaded by
+/// the injector itself (so a rotation is a reload, not a restart); the defaults file is read
+/// and validated now, so a bad chart value stops the injector with one line at start-up.
+fn injector(args: InjectorArgs, lookup: &Lookup) -> Result<InjectorConfig, ConfigError> {
+    let listen = match lookup.get(&args.listen, INJECTOR_LISTEN) {
+        Some(given) => {
+            given.parse_or_explain(parse_bind_address, "host:port, e.g. 0.0.0.0:8443")?
+        }
+        None => DEFAULT_INJECTOR_LISTEN.to_string(),
+    };
+    let required = |flag: &Option<String>, opt: Opt, what: &str| {
+        lookup
+            .get(flag, opt)
+            .map(|given| given.path())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "no {what}: set {} PATH (or {}) to a PEM file, e.g. the tls.crt/tls.key of \
+                 the Secret cert-manager writes",
+                    opt.flag, opt.var
+                ))
+            })
+    };
+    let tls_cert_file = required(
+        &args.tls_cert_file,
+        INJECTOR_TLS_CERT_FILE,
+        "TLS certificate",
+    )?;
+    let tls_key_file = required(&args.tls_key_file, INJECTOR_TLS_KEY_FILE, "TLS private key")?;
+    let defaults = match lookup.get(&args.defaults_file, INJECTOR_DEFAULTS_FILE) {
+        Some(given) => injector_defaults(&given)?,
+        None => sidecar::Options::default(),
+    };
+    let log_format = lookup
+        .parse(
+            &args.log_format,
+            LOG_FORMAT,
+            parse_log_format,
+            "text or json",
+        )?
+        .unwrap_or(LogFormat::Text);
+    Ok(InjectorConfig {
+        listen,
+        tls_cert_file,
+        tls_key_file,
+        defaults,
+        log_format,
+    })
+}
+
+/// Reads and validates the injector's defaults file.
+fn injector_defaults(given: &Given) -> Result<sidecar::Options, ConfigError> {
+    let text = std::fs::read_to_string(given.path()).map_err(|err| {
+        ConfigError(format!(
+            "cannot read {} {}: {err}",
+            given.origin, given.value
+        ))
+    })?;
+    sidecar::Options::from_defaults_json(&text)
+        .map_err(|why| ConfigError(format!("invalid {} {}: {why}", given.origin, given.value)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2222,6 +2336,61 @@ mod tests {
         let line = error(&["shutdown"], &[("REDIS_PROXY_ADMIN_LISTEN", "off")]);
         assert!(line.contains("--admin-listen"), "{line}");
         assert!(error(&["wait", "--max", "forever"], &[]).contains("invalid --max 'forever'"));
+    }
+
+    #[test]
+    fn injector_options_from_flags_and_variables() {
+        let defaults = file_with(r#"{"upstream": "cache.example:6380", "adminPort": 9191}"#);
+        let defaults_path = defaults.path().display().to_string();
+        match parse(
+            &[
+                "injector",
+                "--tls-cert-file",
+                "/c.pem",
+                "--listen",
+                "127.0.0.1:9443",
+            ],
+            &[
+                ("REDIS_PROXY_INJECTOR_TLS_KEY_FILE", "/k.pem"),
+                ("REDIS_PROXY_INJECTOR_DEFAULTS_FILE", &defaults_path),
+                ("REDIS_PROXY_INJECTOR_LISTEN", "0.0.0.0:1"),
+                ("REDIS_PROXY_LOG_FORMAT", "json"),
+            ],
+        ) {
+            Ok(Command::Injector(c)) => {
+                assert_eq!(c.listen, "127.0.0.1:9443");
+                assert_eq!(c.tls_cert_file, PathBuf::from("/c.pem"));
+                assert_eq!(c.tls_key_file, PathBuf::from("/k.pem"));
+                assert_eq!(c.defaults.upstream.as_deref(), Some("cache.example:6380"));
+                assert_eq!(c.defaults.admin_port, 9191);
+                assert_eq!(c.log_format, LogFormat::Json);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(
+            &["injector", "--tls-cert-file", "c", "--tls-key-file", "k"],
+            &[],
+        ) {
+            Ok(Command::Injector(c)) => {
+                assert_eq!(c.listen, "0.0.0.0:8443");
+                assert_eq!(c.defaults, sidecar::Options::default());
+                assert_eq!(c.log_format, LogFormat::Text);
+            }
+            other => panic!("{other:?}"),
+        }
+        let line = error(&["injector", "--tls-key-file", "k"], &[]);
+        assert!(line.contains("--tls-cert-file PATH"), "{line}");
+        let bad = file_with(r#"{"logFormat": "xml"}"#);
+        let bad_path = bad.path().display().to_string();
+        let line = error(
+            &["injector", "--tls-cert-file", "c", "--tls-key-file", "k"],
+            &[("REDIS_PROXY_INJECTOR_DEFAULTS_FILE", &bad_path)],
+        );
+        assert!(
+            line.contains("REDIS_PROXY_INJECTOR_DEFAULTS_FILE")
+                && line.contains("field \"logFormat\": \"xml\" is not one of text, json"),
+            "{line}"
+        );
     }
 
     #[test]

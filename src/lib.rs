@@ -13,6 +13,8 @@
 //! * [`metrics`], [`health`], [`shutdown`]: what operators see and how the process stops.
 //! * [`admin`]: the HTTP endpoint on `--admin-listen` (probes, `/metrics`, `/quitquitquit`).
 //! * [`ops_client`]: the `wait` and `shutdown` subcommands, clients of that endpoint.
+//! * [`injector`]: the `injector` subcommand, the mutating admission webhook that adds the
+//!   proxy to labelled pods as a native sidecar (options, validation, JSON Patch, HTTPS server).
 
 pub mod admin;
 pub mod check;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod connector;
 pub mod credential;
 pub mod health;
+pub mod injector;
 pub mod logging;
 pub mod metrics;
 pub mod ops_client;

@@ -4,8 +4,9 @@
 //! part of the contract: 0 success, 1 failure at run time (or a failed `check`), 2 a
 //! configuration or usage error.
 
+use redis_entra_proxy::config::InjectorConfig;
 use redis_entra_proxy::config::{self, Command, Config};
-use redis_entra_proxy::{check, logging, ops_client, server};
+use redis_entra_proxy::{check, injector, logging, ops_client, server};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -41,6 +42,33 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| format!("the proxy at {admin} is shutting down"))
         }),
+        Command::Injector(config) => run_injector(config),
+    }
+}
+
+/// `injector`: the webhook until SIGTERM (exit 0); an unusable certificate exits with status 2.
+fn run_injector(config: InjectorConfig) -> ExitCode {
+    logging::init(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(injector::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(injector::InjectorError::Config(err)) => {
+            tracing::error!("{err}");
+            ExitCode::from(CONFIG_ERROR)
+        }
+        Err(err) => {
+            tracing::error!("{err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

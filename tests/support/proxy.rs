@@ -167,6 +167,15 @@ impl ProxyProcess {
         if !sets_flag(args, env, "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN") {
             full.extend(["--admin-listen".into(), "off".into()]);
         }
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        Self::start_exact(&full, env).await
+    }
+
+    /// Like [`ProxyProcess::start`], but with exactly `args`: nothing added (for subcommands
+    /// such as `injector`, which have no `--admin-listen`, and for tests that must run a given
+    /// command line unchanged).
+    pub async fn start_exact(args: &[&str], env: &[(&str, &str)]) -> ProxyProcess {
+        let full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut child = base_command(&full, env, Some("debug"))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", proxy_bin()));

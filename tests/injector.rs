@@ -1,0 +1,726 @@
+//! The sidecar injector (`redis-entra-proxy injector`), from real `AdmissionReview` v1 JSON to
+//! a working sidecar.
+//!
+//! * Fixtures (`tests/fixtures/admission/*.review.json`) go through the library's review
+//!   function; where there is a patch, it is applied with the `json-patch` crate and the result
+//!   compared with a golden pod (`expected/<name>.pod.json`, a complete `v1` Pod that the
+//!   chart's tests also validate against the Kubernetes OpenAPI schema). Set
+//!   `REDIS_ENTRA_PROXY_BLESS=1` to rewrite the golden files after an intended change, then
+//!   read the diff.
+//! * The real binary over HTTPS: reviews, `/healthz`, certificate rotation, bad start-up
+//!   configuration (exit 2), SIGTERM (exit 0).
+//! * End to end: the injected sidecar's own `args` and `env`, with only what must point at the
+//!   local test world substituted, run as the real proxy in front of a real Redis.
+
+mod support;
+
+use base64::Engine;
+use redis_entra_proxy::injector::review;
+use redis_entra_proxy::injector::sidecar::Options;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::{ProxyProcess, Setup, TestPki, http_request, run_to_end, wait_until_async};
+
+/// Where the fixtures are.
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/admission")
+}
+
+/// The raw bytes of a fixture file.
+fn fixture(name: &str) -> Vec<u8> {
+    let path = fixtures().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// A fixture review as JSON.
+fn review_json(name: &str) -> Value {
+    serde_json::from_slice(&fixture(&format!("{name}.review.json"))).expect("fixture is JSON")
+}
+
+/// The chart-wide defaults the fixtures are reviewed with (`defaults.json`: an upstream and a
+/// pinned image, so that the golden files don't change with the crate version).
+fn chart_defaults() -> Options {
+    let text = String::from_utf8(fixture("defaults.json")).expect("UTF-8");
+    Options::from_defaults_json(&text).expect("valid defaults.json")
+}
+
+/// The response review for a fixture (which must be answerable).
+fn answer(name: &str, defaults: &Options) -> Value {
+    let (response, _) = review::answer(&fixture(&format!("{name}.review.json")), defaults)
+        .unwrap_or_else(|e| panic!("{name}: not answered: {e}"));
+    assert_envelope(&response, &review_json(name));
+    response["response"].clone()
+}
+
+/// `apiVersion`, `kind` and the echoed uid of a response review.
+fn assert_envelope(response: &Value, request: &Value) {
+    assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["uid"], request["request"]["uid"]);
+}
+
+/// Asserts an allowed response without a patch.
+fn assert_allowed_unchanged(response: &Value) {
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(
+        response.get("patch").is_none(),
+        "unexpected patch: {response}"
+    );
+    assert!(response.get("patchType").is_none(), "{response}");
+}
+
+/// The JSON Patch of an allowed response, decoded.
+fn patch_of(response: &Value) -> json_patch::Patch {
+    assert_eq!(response["allowed"], true, "{response}");
+    assert_eq!(response["patchType"], "JSONPatch", "{response}");
+    let encoded = response["patch"].as_str().expect("patch is a string");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("patch is base64");
+    serde_json::from_slice(&bytes).expect("patch is a JSON Patch")
+}
+
+/// `pod` with `patch` applied, as the API server would.
+fn applied(pod: &Value, patch: &json_patch::Patch) -> Value {
+    let mut pod = pod.clone();
+    json_patch::patch(&mut pod, patch).expect("the patch applies to the pod");
+    pod
+}
+
+/// Compares `pod` with `expected/<name>.pod.json` (exactly: any difference fails).
+fn assert_golden(name: &str, pod: &Value) {
+    let path = fixtures().join(format!("expected/{name}.pod.json"));
+    if std::env::var_os("REDIS_ENTRA_PROXY_BLESS").is_some() {
+        let text = serde_json::to_string_pretty(pod).expect("JSON") + "\n";
+        std::fs::write(&path, text).expect("write golden file");
+    }
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+    )
+    .expect("golden file is JSON");
+    assert!(
+        *pod == expected,
+        "{name}: the patched pod differs from {}\n--- got ---\n{}",
+        path.display(),
+        serde_json::to_string_pretty(pod).unwrap_or_default()
+    );
+}
+
+/// The review of `pod` as a new CREATE (same envelope as fixture `like`).
+fn review_of(pod: &Value, like: &str) -> Vec<u8> {
+    let mut review = review_json(like);
+    review["request"]["object"] = pod.clone();
+    serde_json::to_vec(&review).expect("JSON")
+}
+
+/// The init containers named `redis-entra-proxy`.
+fn sidecars(pod: &Value) -> Vec<&Value> {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "redis-entra-proxy")
+        .collect()
+}
+
+/// The value after `flag` in a container's `args`.
+fn arg<'a>(container: &'a Value, flag: &str) -> Option<&'a str> {
+    let args = container["args"].as_array()?;
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1)?.as_str()
+}
+
+/// Reviews a fixture, applies the patch, compares with the golden pod, and checks that the
+/// patched pod, reviewed again (a reinvocation), is left alone. Returns the patched pod.
+fn inject(name: &str, defaults: &Options) -> Value {
+    let response = answer(name, defaults);
+    let pod = review_json(name)["request"]["object"].clone();
+    let patched = applied(&pod, &patch_of(&response));
+    assert_golden(name, &patched);
+    assert_eq!(sidecars(&patched).len(), 1);
+    assert_eq!(
+        patched["metadata"]["annotations"]["redis-entra-proxy.io/injected"],
+        "true"
+    );
+    let (again, _) = review::answer(&review_of(&patched, name), defaults).expect("answered");
+    assert_allowed_unchanged(&again["response"]);
+    patched
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures through the review function.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_plain_labelled_pod_gets_the_sidecar_first_among_new_init_containers() {
+    let pod = inject("plain", &chart_defaults());
+    let initial = &pod["spec"]["initContainers"];
+    assert_eq!(initial.as_array().map(Vec::len), Some(1));
+    let sidecar = &initial[0];
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(
+        sidecar["args"],
+        json!([
+            "--upstream",
+            "mycache.redis.cache.windows.net:6380",
+            "--listen",
+            "127.0.0.1:6379",
+            "--auth",
+            "auto",
+            "--admin-listen",
+            "0.0.0.0:9090",
+            "--log-format",
+            "json"
+        ])
+    );
+    assert!(sidecar.get("env").is_none());
+    assert!(sidecar.get("volumeMounts").is_none());
+    assert_eq!(
+        sidecar["resources"],
+        json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}})
+    );
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], "proxy-admin");
+    // The app's own volumes are untouched: no access key, no volume added.
+    assert_eq!(pod["spec"]["volumes"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn every_annotation_overrides_the_defaults_and_existing_lists_are_added_into() {
+    let pod = inject("overrides", &chart_defaults());
+    let init = pod["spec"]["initContainers"].as_array().expect("array");
+    assert_eq!(init.len(), 2);
+    assert_eq!(init[0]["name"], "redis-entra-proxy");
+    assert_eq!(init[1]["name"], "migrate");
+    let sidecar = &init[0];
+    let expected_args = [
+        ("--upstream", "shop-cache.westeurope.redis.azure.net:10000"),
+        ("--listen", "127.0.0.1:6380"),
+        ("--auth", "access-key"),
+        ("--admin-listen", "0.0.0.0:9191"),
+        ("--log-format", "text"),
+        ("--database", "3"),
+        (
+            "--access-key-file",
+            "/var/run/secrets/redis-entra-proxy/access-key",
+        ),
+    ];
+    for (flag, value) in expected_args {
+        assert_eq!(arg(sidecar, flag), Some(value), "{flag}");
+    }
+    assert_eq!(
+        sidecar["env"],
+        json!([{"name": "AZURE_REDIS_CLIENTID", "value": "3f2b8c1d-9a4e-4b7f-8c6d-2e1f0a9b8c7d"}])
+    );
+    assert_eq!(
+        sidecar["image"],
+        "contoso.azurecr.io/mirror/redis-entra-proxy:0.1.0"
+    );
+    assert_eq!(sidecar["imagePullPolicy"], "Always");
+    assert_eq!(sidecar["ports"][0]["containerPort"], 9191);
+    assert_eq!(
+        sidecar["resources"],
+        json!({"requests": {"cpu": "100m", "memory": "64Mi"},
+               "limits": {"cpu": "1", "memory": "256Mi"}})
+    );
+    let volumes = pod["spec"]["volumes"].as_array().expect("array");
+    assert_eq!(volumes.len(), 3);
+    assert_eq!(
+        volumes[2],
+        json!({"name": "redis-entra-proxy-access-key", "secret": {
+            "secretName": "shop-cache-keys",
+            "items": [{"key": "primary-key", "path": "access-key"}],
+            "defaultMode": 0o440
+        }})
+    );
+    // The pod's other annotations are kept.
+    assert_eq!(
+        pod["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"],
+        "2026-12-01T09:10:00Z"
+    );
+}
+
+#[test]
+fn an_access_key_secret_on_a_pod_without_volumes_creates_the_volume_list() {
+    let pod = inject("access-key", &chart_defaults());
+    assert_eq!(
+        pod["spec"]["volumes"],
+        json!([{"name": "redis-entra-proxy-access-key", "secret": {
+            "secretName": "shop-cache-keys",
+            "items": [{"key": "access-key", "path": "access-key"}],
+            "defaultMode": 288
+        }}])
+    );
+    assert_eq!(
+        sidecars(&pod)[0]["volumeMounts"],
+        json!([{"name": "redis-entra-proxy-access-key",
+                "mountPath": "/var/run/secrets/redis-entra-proxy", "readOnly": true}])
+    );
+}
+
+#[test]
+fn already_injected_and_reinvoked_pods_are_left_alone() {
+    for name in ["injected", "reinvocation"] {
+        assert_allowed_unchanged(&answer(name, &chart_defaults()));
+    }
+    // The reinvocation fixture is the golden plain pod plus another webhook's change.
+    let reinvoked = &review_json("reinvocation")["request"]["object"];
+    assert_eq!(sidecars(reinvoked).len(), 1);
+}
+
+#[test]
+fn pods_without_the_label_other_kinds_and_other_operations_are_allowed_unchanged() {
+    for name in ["unlabelled", "deployment", "update"] {
+        assert_allowed_unchanged(&answer(name, &chart_defaults()));
+    }
+}
+
+#[test]
+fn bad_annotation_values_are_refused_with_the_annotation_the_value_and_what_is_expected() {
+    let cases = [
+        (
+            "bad-database",
+            "redis-entra-proxy.io/database: \"abc\" is not a database number (0..=2147483647)",
+        ),
+        (
+            "bad-client-id",
+            "redis-entra-proxy.io/client-id: \"my-identity\" is not a client id: expected a GUID",
+        ),
+        (
+            "bad-quantity",
+            "redis-entra-proxy.io/memory-limit: \"128MB\" is not a Kubernetes quantity",
+        ),
+        (
+            "bad-auth",
+            "redis-entra-proxy.io/auth: \"password\" is not one of auto, entra, access-key, none",
+        ),
+        (
+            "bad-upstream",
+            "redis-entra-proxy.io/upstream: \"rediss://mycache:6380\" is not a cache address",
+        ),
+        (
+            "bad-admin-port",
+            "redis-entra-proxy.io/admin-port: \"70000\" is not a port number (1..=65535)",
+        ),
+        (
+            "bad-access-key-secret",
+            "redis-entra-proxy.io/access-key-secret: \"Shop_Keys\" is not a Secret reference",
+        ),
+        (
+            "bad-image-pull-policy",
+            "redis-entra-proxy.io/image-pull-policy: \"always\" is not one of Always, \
+             IfNotPresent, Never",
+        ),
+    ];
+    for (name, start) in cases {
+        let response = answer(name, &chart_defaults());
+        assert_refused(&response, start);
+    }
+}
+
+/// Asserts `allowed: false`, code 400, no patch, and a message starting with `start`.
+fn assert_refused(response: &Value, start: &str) {
+    assert_eq!(response["allowed"], false, "{response}");
+    assert_eq!(response["status"]["code"], 400, "{response}");
+    assert!(response.get("patch").is_none(), "{response}");
+    let message = response["status"]["message"].as_str().expect("a message");
+    assert!(message.starts_with(start), "{message}");
+}
+
+#[test]
+fn a_missing_upstream_is_refused_unless_the_chart_sets_one() {
+    let response = answer("missing-upstream", &Options::default());
+    assert_refused(
+        &response,
+        "redis-entra-proxy.io/upstream is not set: set the pod annotation \
+         redis-entra-proxy.io/upstream",
+    );
+    let message = response["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("injector.defaults.upstream"), "{message}");
+    // With the chart's upstream the same pod is injected.
+    patch_of(&answer("missing-upstream", &chart_defaults()));
+}
+
+#[test]
+fn a_review_whose_object_is_not_a_pod_is_refused() {
+    assert_refused(
+        &answer("unparseable-object", &chart_defaults()),
+        "the review's object is not a JSON object (a Pod)",
+    );
+}
+
+#[test]
+fn a_malformed_review_is_not_answered() {
+    let error =
+        review::answer(&fixture("malformed.review.json"), &chart_defaults()).expect_err("no uid");
+    assert!(error.0.contains("uid"), "{error}");
+    let error = review::answer(b"{\"kind\": ", &chart_defaults()).expect_err("not JSON");
+    assert!(
+        error.0.starts_with("the body is not an AdmissionReview"),
+        "{error}"
+    );
+}
+
+#[test]
+fn every_golden_pod_is_a_complete_v1_pod() {
+    let dir = fixtures().join("expected");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("expected/ exists") {
+        let path = entry.expect("entry").path();
+        let pod: Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        assert_eq!(pod["apiVersion"], "v1", "{}", path.display());
+        assert_eq!(pod["kind"], "Pod", "{}", path.display());
+        assert!(pod["metadata"].is_object(), "{}", path.display());
+        assert!(pod["spec"]["containers"].is_array(), "{}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary over HTTPS.
+// ---------------------------------------------------------------------------------------------
+
+/// A running injector with its PKI and defaults file.
+struct Injector {
+    process: ProxyProcess,
+    pki: TestPki,
+    dir: tempfile::TempDir,
+}
+
+impl Injector {
+    /// Starts `redis-entra-proxy injector` on a free port with a fresh certificate (copied into
+    /// a directory of its own, so a test can rotate it) and `defaults.json`.
+    async fn start() -> Injector {
+        let pki = TestPki::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::copy(pki.cert_path(), dir.path().join("tls.crt")).expect("copy cert");
+        std::fs::copy(pki.key_path(), dir.path().join("tls.key")).expect("copy key");
+        let defaults = fixtures().join("defaults.json");
+        let cert = dir.path().join("tls.crt").display().to_string();
+        let key = dir.path().join("tls.key").display().to_string();
+        let defaults = defaults.display().to_string();
+        let process = ProxyProcess::start_exact(
+            &[
+                "injector",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+            ],
+            &[
+                ("REDIS_PROXY_INJECTOR_DEFAULTS_FILE", &defaults),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .await;
+        Injector { process, pki, dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.process.addr().port())
+    }
+
+    /// One request over HTTPS, trusting `pki`.
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        pki: &TestPki,
+    ) -> Result<support::HttpResponse, String> {
+        let body = body.map(|b| ("application/json", b));
+        http_request(
+            method,
+            &self.url(path),
+            &[],
+            body,
+            Some(pki),
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    async fn post_review(&self, name: &str) -> support::HttpResponse {
+        self.request(
+            "POST",
+            "/mutate",
+            Some(fixture(&format!("{name}.review.json"))),
+            &self.pki,
+        )
+        .await
+        .expect("POST /mutate")
+    }
+}
+
+#[tokio::test]
+async fn the_binary_answers_reviews_over_https_and_exits_0_on_sigterm() {
+    let mut injector = Injector::start().await;
+    let health = injector
+        .request("GET", "/healthz", None, &injector.pki)
+        .await
+        .expect("GET /healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+
+    let response = injector.post_review("plain").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.headers["content-type"], "application/json");
+    let review = response.json();
+    assert_envelope(&review, &review_json("plain"));
+    let pod = review_json("plain")["request"]["object"].clone();
+    assert_golden("plain", &applied(&pod, &patch_of(&review["response"])));
+
+    let refused = injector.post_review("bad-database").await.json();
+    assert_refused(
+        &refused["response"],
+        "redis-entra-proxy.io/database: \"abc\"",
+    );
+
+    let malformed = injector.post_review("malformed").await;
+    assert_eq!(malformed.status, 400);
+    assert!(malformed.body.contains("uid"), "{}", malformed.body);
+    let wrong_method = injector
+        .request("GET", "/mutate", None, &injector.pki)
+        .await
+        .expect("GET /mutate");
+    assert_eq!(wrong_method.status, 405);
+    let too_big = injector
+        .request("POST", "/mutate", Some(vec![b' '; 5 << 20]), &injector.pki)
+        .await;
+    assert!(
+        matches!(&too_big, Ok(r) if r.status == 413) || too_big.is_err(),
+        "{too_big:?}"
+    );
+
+    injector.process.terminate();
+    let status = injector.process.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        injector.process.output()
+    );
+    assert!(injector.process.output_contains("injector stopped"));
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_and_a_broken_one_is_not() {
+    let injector = Injector::start().await;
+    let cert = injector.dir.path().join("tls.crt");
+    let key = injector.dir.path().join("tls.key");
+
+    // A broken rotation (garbage in the certificate file): warned about, old one still served.
+    // The files are looked at when a connection arrives, so keep connecting meanwhile; every
+    // connection must still get the old certificate.
+    std::fs::write(&cert, "not a certificate").expect("write");
+    let warned = wait_until_async(Duration::from_secs(15), || async {
+        let old = injector
+            .request("GET", "/healthz", None, &injector.pki)
+            .await;
+        assert_eq!(old.map(|r| r.status), Ok(200));
+        injector.process.output_contains("can't be loaded")
+    })
+    .await;
+    assert!(warned, "{}", injector.process.output());
+    let old = injector
+        .request("GET", "/healthz", None, &injector.pki)
+        .await;
+    assert_eq!(old.map(|r| r.status), Ok(200));
+
+    // A real rotation, to a certificate from another CA: new connections get it.
+    let rotated = TestPki::new();
+    std::fs::copy(rotated.key_path(), &key).expect("copy key");
+    std::fs::copy(rotated.cert_path(), &cert).expect("copy cert");
+    let served = wait_until_async(Duration::from_secs(15), || async {
+        matches!(
+            injector.request("GET", "/healthz", None, &rotated).await,
+            Ok(r) if r.status == 200
+        )
+    })
+    .await;
+    assert!(served, "{}", injector.process.output());
+    assert!(injector.process.output_contains("TLS certificate reloaded"));
+    let with_old_ca = injector
+        .request("GET", "/healthz", None, &injector.pki)
+        .await;
+    assert!(with_old_ca.is_err(), "still the old certificate");
+}
+
+#[tokio::test]
+async fn bad_start_up_configuration_exits_2_with_one_line() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert = pki.cert_path().display().to_string();
+    let key = pki.key_path().display().to_string();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let unknown = write("unknown.json", r#"{"upstream": "c", "adminPrt": 9090}"#);
+    let bad_value = write("bad.json", r#"{"database": "abc"}"#);
+    let not_pem = write("not.pem", "hello");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--defaults-file", &unknown],
+            "unknown field `adminPrt`",
+        ),
+        (
+            vec!["--defaults-file", &bad_value],
+            "field \"database\": \"abc\" is not a database number",
+        ),
+        (vec!["--defaults-file", "/nonexistent.json"], "cannot read"),
+        (vec!["--listen", "8443"], "invalid --listen '8443'"),
+        (vec!["--log-format", "xml"], "invalid --log-format 'xml'"),
+    ];
+    for (extra, hint) in cases {
+        let mut args = vec!["injector", "--tls-cert-file", &cert, "--tls-key-file", &key];
+        args.extend(extra);
+        assert_exit_2(&args, hint).await;
+    }
+    assert_exit_2(&["injector", "--tls-key-file", &key], "no TLS certificate").await;
+    assert_exit_2(
+        &["injector", "--tls-cert-file", &cert],
+        "no TLS private key",
+    )
+    .await;
+    assert_exit_2(
+        &[
+            "injector",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert-file",
+            &not_pem,
+            "--tls-key-file",
+            &key,
+        ],
+        "no certificate in",
+    )
+    .await;
+}
+
+/// Runs the binary to its end and asserts status 2 and a single stderr line with `hint`.
+async fn assert_exit_2(args: &[&str], hint: &str) {
+    let out = run_to_end(args, &[]).await;
+    assert_eq!(out.code(), Some(2), "{args:?}: {}", out.all());
+    let line = out.stderr.trim_end();
+    assert!(!line.contains('\n'), "more than one line: {}", out.stderr);
+    assert!(line.contains(hint), "no {hint:?} in: {line}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: the injected sidecar, run.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_injected_sidecar_serves_redis_with_its_own_args_and_env() {
+    let pod = inject("access-key", &chart_defaults());
+    let sidecar = sidecars(&pod)[0].clone();
+    let setup = Setup::access_key().await;
+
+    // The mounted Secret: the args name a file in the volume mount; a temp file stands in.
+    let mount = &sidecar["volumeMounts"][0];
+    let volume = &pod["spec"]["volumes"][0];
+    assert_eq!(mount["name"], volume["name"]);
+    let key_in_pod = format!(
+        "{}/{}",
+        mount["mountPath"].as_str().expect("mountPath"),
+        volume["secret"]["items"][0]["path"].as_str().expect("path")
+    );
+    assert_eq!(
+        arg(&sidecar, "--access-key-file"),
+        Some(key_in_pod.as_str())
+    );
+    let key_file = setup.dir.path().join("access-key");
+    std::fs::write(&key_file, setup.redis.access_key()).expect("write the key file");
+    let key_file = key_file.display().to_string();
+
+    // Substitutions, and only these:
+    // * --upstream: the pod's cache → the local Redis (TLS);
+    // * --listen 127.0.0.1:6379 and --admin-listen 0.0.0.0:9090 → free loopback ports;
+    // * --access-key-file: the mount path → the temp file above;
+    // * added: --tls-server-name localhost and --ca-file (the test CA), which a real cache's
+    //   public certificate doesn't need.
+    let local_redis = setup.redis.addr();
+    let mut args: Vec<String> = Vec::new();
+    let given: Vec<&str> = sidecar["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    for pair in given.chunks(2) {
+        let value = match pair {
+            ["--upstream", _] => local_redis.as_str(),
+            ["--listen", _] | ["--admin-listen", _] => "127.0.0.1:0",
+            ["--access-key-file", _] => key_file.as_str(),
+            [_, value] => value,
+            other => panic!("args are not --flag value pairs: {other:?}"),
+        };
+        args.extend([pair[0].to_string(), value.to_string()]);
+    }
+    let ca = setup.pki.ca_path().display().to_string();
+    args.extend([
+        "--tls-server-name".into(),
+        "localhost".into(),
+        "--ca-file".into(),
+        ca,
+    ]);
+    let env: Vec<(String, String)> = sidecar["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["name"].as_str().expect("name").to_string(),
+                e["value"].as_str().expect("value").to_string(),
+            )
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let proxy = ProxyProcess::start_exact(&args, &env).await;
+
+    let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
+    let startup = wait_until_async(Duration::from_secs(15), || async {
+        let url = format!("http://{admin}/startup");
+        matches!(
+            http_request("GET", &url, &[], None, None, Duration::from_secs(2)).await,
+            Ok(r) if r.status == 200
+        )
+    })
+    .await;
+    assert!(
+        startup,
+        "the startup probe never passed\n{}",
+        proxy.output()
+    );
+
+    let mut con = proxy.connection().await;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut con)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    let () = redis::cmd("SET")
+        .arg("injected")
+        .arg("works")
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    let value: String = redis::cmd("GET")
+        .arg("injected")
+        .query_async(&mut con)
+        .await
+        .expect("GET");
+    assert_eq!(value, "works");
+    // JSON logs, as the sidecar's --log-format says.
+    assert!(
+        proxy.output_contains("\"level\":\"INFO\""),
+        "{}",
+        proxy.output()
+    );
+}
