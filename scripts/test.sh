@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole check: formatting, lints, and every test (unit + integration, which start a real
-# redis-server: see README "Development"). Uses at most as many jobs as the machine has cores
-# (CARGO_BUILD_JOBS overrides).
+# redis-server: see README "Development"), then the Kubernetes packaging tests (tests/k8s/run.sh:
+# Helm chart, deploy/ manifests, Dockerfile; Python in .venv-k8s, no cluster). Uses at most as
+# many jobs as the machine has cores (CARGO_BUILD_JOBS overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,3 +15,5 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --jobs "$jobs" -- -D warnings
 echo "==> cargo test --all-targets"
 cargo test --all-targets --jobs "$jobs" -- --test-threads "${RUST_TEST_THREADS:-$cores}"
+echo "==> tests/k8s/run.sh"
+./tests/k8s/run.sh
