@@ -8,6 +8,8 @@
 //!
 //! The rules, all in [`WarmPool::take`] and the background task [`maintain`]:
 //! * a client takes the oldest idle connection; the pool refills in the background;
+//! * a client that leaves its connection clean (see `Command::leaves_state`) gives it back,
+//!   so an application that connects per request keeps reusing a few upstream connections;
 //! * every new credential (a refreshed token, a rotated key file) re-authenticates each idle
 //!   connection, and idle connections are `PING`ed every [`SERVICE_INTERVAL`] so that dead ones
 //!   (and Azure's idle timeout) are found before a client gets them;
@@ -34,6 +36,10 @@ pub const SERVICE_INTERVAL: Duration = Duration::from_secs(30);
 /// A pooled connection whose token expires sooner than this is not handed to a client: its
 /// session might not get a new `AUTH` through in time.
 pub const TAKE_MARGIN: Duration = Duration::from_millis(500);
+/// After a take, the pool waits this long before dialling a replacement: a client that opens
+/// a connection per request usually gives its connection back sooner, and then no dial is
+/// needed at all.
+const REFILL_DELAY: Duration = Duration::from_millis(50);
 /// Connections opened at once while filling (a large pool fills in rounds).
 const FILL_CONCURRENCY: usize = 16;
 /// Ids of pooled connections (for the re-auth deadline metric) stay apart from session ids.
@@ -104,6 +110,21 @@ impl WarmPool {
                 pooled = entry.id - POOL_ID_BASE,
                 "dropping a warm connection that is closed or whose token expires too soon"
             );
+        }
+    }
+
+    /// A connection whose client has gone and left it clean (see
+    /// [`crate::relay::Session::run_and_recycle`]) joins the pool if there is room; otherwise
+    /// it is closed. An application that opens a connection per request then reuses the same
+    /// few upstream connections instead of making the pool dial one per request.
+    pub fn give_back(&self, ready: Ready) {
+        let fresh_enough = ready
+            .credential
+            .as_ref()
+            .is_none_or(|c| c.is_valid_at(SystemTime::now() + TAKE_MARGIN));
+        if fresh_enough && self.inner.missing() > 0 {
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            self.inner.push(Idle { id, ready });
         }
     }
 
@@ -199,7 +220,12 @@ async fn maintain(inner: Arc<Inner>, health: Arc<Health>, stop: CancellationToke
             }
         }
         tokio::select! {
-            _ = inner.taken.notified() => {}
+            _ = inner.taken.notified() => {
+                tokio::select! {
+                    _ = tokio::time::sleep(REFILL_DELAY) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
             r = credentials.changed(), if watching => match r {
                 Ok(()) => service_all(&inner).await,
                 Err(_) => watching = false,
@@ -221,10 +247,12 @@ async fn fill(inner: &Arc<Inner>, count: usize) -> Result<(), String> {
     let mut first_error = None;
     while let Some(opened) = opening.join_next().await {
         match opened {
-            Ok(Ok(ready)) => {
+            // A connection given back meanwhile may have filled the pool: no more than `size`.
+            Ok(Ok(ready)) if inner.missing() > 0 => {
                 let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                 inner.push(Idle { id, ready });
             }
+            Ok(Ok(_surplus)) => {}
             Ok(Err(e)) => {
                 first_error.get_or_insert_with(|| e.to_string());
             }

@@ -355,8 +355,17 @@ where
         credential,
         shared.connector.credentials.subscribe(),
     );
-    let end = session.run(shared.close_sessions.clone()).await;
+    let (end, recycled) = match &shared.pool {
+        Some(_) => session.run_and_recycle(shared.close_sessions.clone()).await,
+        None => (session.run(shared.close_sessions.clone()).await, None),
+    };
     shared.metrics.upstream_connections.dec();
+    if let (Some(pool), Some(r)) = (&shared.pool, recycled) {
+        pool.give_back(Ready {
+            stream: r.upstream,
+            credential: r.credential,
+        });
+    }
     log_end(id, &end);
     if let Some(kind) = upstream_error_kind(&end) {
         shared

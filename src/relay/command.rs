@@ -35,6 +35,9 @@ pub enum Command {
     Monitor,
     /// A command that may block (`BLPOP`, `XREAD … BLOCK`, `WAIT`, …): see `blocking`.
     Blocking,
+    /// `SELECT`, `WATCH`, `READONLY`, `READWRITE`: relayed untouched, but they leave state on
+    /// the connection that the next client must not inherit.
+    Stateful,
 }
 
 impl Command {
@@ -68,6 +71,10 @@ impl Command {
             (b"XREAD", Command::Blocking),
             (b"XREADGROUP", Command::Blocking),
             (b"WAIT", Command::Blocking),
+            (b"SELECT", Command::Stateful),
+            (b"WATCH", Command::Stateful),
+            (b"READONLY", Command::Stateful),
+            (b"READWRITE", Command::Stateful),
         ];
         if name.len() < 4 || name.len() > 12 {
             return Command::Other;
@@ -76,6 +83,23 @@ impl Command {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map_or(Command::Other, |&(_, c)| c)
+    }
+
+    /// True for commands that leave connection state behind (a database, a name, a protocol,
+    /// subscriptions, watched keys, a reply mode, a feed): an upstream connection that ran one
+    /// is closed with its client rather than handed to the next one (see `pool`).
+    pub fn leaves_state(self) -> bool {
+        matches!(
+            self,
+            Command::Hello
+                | Command::Reset
+                | Command::Client
+                | Command::Subscribe(_)
+                | Command::Unsubscribe(_)
+                | Command::Quit
+                | Command::Monitor
+                | Command::Stateful
+        )
     }
 
     /// Commands Redis accepts from a RESP2 client in subscribed mode.
@@ -120,6 +144,9 @@ mod tests {
         assert_eq!(Command::classify(b"auth"), Command::Auth);
         assert_eq!(Command::classify(b"Exec"), Command::EndTransaction);
         assert_eq!(Command::classify(b"GET"), Command::Other);
+        assert_eq!(Command::classify(b"select"), Command::Stateful);
+        assert!(Command::classify(b"CLIENT").leaves_state());
+        assert!(!Command::classify(b"EXEC").leaves_state());
         assert_eq!(
             Command::classify(b"punsubscribe"),
             Command::Unsubscribe(SubKind::Pattern)

@@ -13,7 +13,7 @@ pub mod resp;
 pub mod session;
 
 pub use resp::encode_command;
-pub use session::{RelayContext, Session, SessionEnd};
+pub use session::{Recycled, RelayContext, Session, SessionEnd};
 
 /// The one error line a client gets when the proxy can't serve it (`-ERR redis-entra-proxy:
 /// <reason>`), kept on one line whatever the reason says.

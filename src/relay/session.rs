@@ -67,6 +67,14 @@ pub struct RelayContext {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// An upstream connection a session gave back, and the credential of its last `AUTH`.
+pub struct Recycled<U> {
+    /// The connection, clean (see [`Session::run_and_recycle`]).
+    pub upstream: U,
+    /// What it is authenticated with (`None` with `--auth none`).
+    pub credential: Option<Arc<AuthCredential>>,
+}
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionEnd {
@@ -128,6 +136,9 @@ struct RequestState {
     quit: bool,
     /// No more client input is read (EOF, protocol error); end once replies are delivered.
     closing: bool,
+    /// No command left state on the upstream connection (see [`Command::leaves_state`]): once
+    /// the client has gone, the connection may serve another client.
+    pristine: bool,
 }
 
 /// What the reply side knows, in reply order: subscription counts, the client's protocol (for
@@ -208,7 +219,7 @@ pub struct Session<C, U = UpstreamStream> {
 impl<C, U> Session<C, U>
 where
     C: AsyncRead + AsyncWrite + Send + 'static,
-    U: AsyncRead + AsyncWrite + Send + 'static,
+    U: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     /// A session over an accepted client and its authenticated upstream connection.
     pub fn new(
@@ -251,6 +262,7 @@ where
                 blocked: false,
                 quit: false,
                 closing: false,
+                pristine: true,
             },
             rep: ReplyState::default(),
             auth: AuthState {
@@ -264,8 +276,19 @@ where
     }
 
     /// Relays until either side closes, an error, or `shutdown`.
-    pub async fn run(mut self, shutdown: CancellationToken) -> SessionEnd {
+    pub async fn run(self, shutdown: CancellationToken) -> SessionEnd {
+        self.run_and_recycle(shutdown).await.0
+    }
+
+    /// Like [`Session::run`], and when the client left a clean connection behind (it closed
+    /// between commands, every reply was delivered, no command left state upstream), also
+    /// gives the upstream connection back for another client.
+    pub async fn run_and_recycle(
+        mut self,
+        shutdown: CancellationToken,
+    ) -> (SessionEnd, Option<Recycled<U>>) {
         let end = self.relay(shutdown).await;
+        let clean = end.is_ok() && self.upstream_is_clean();
         // Deliver what is already owed to the client (e.g. a protocol error), briefly.
         if !self.to_client.is_empty() {
             let _ = tokio::time::timeout(
@@ -277,9 +300,30 @@ where
         let _ = self.client_wr.shutdown().await;
         self.ctx.metrics.forget_connection(self.id);
         match end {
-            Ok(()) => SessionEnd::ClientClosed,
-            Err(e) => e,
+            Ok(()) if clean => {
+                let recycled = Recycled {
+                    upstream: self.up_rd.unsplit(self.up_wr),
+                    credential: self.auth.current,
+                };
+                (SessionEnd::ClientClosed, Some(recycled))
+            }
+            Ok(()) => (SessionEnd::ClientClosed, None),
+            Err(e) => (e, None),
         }
+    }
+
+    /// The upstream connection is as a new one would be: nothing in flight either way, no
+    /// transaction, no state left by the client, and the proxy's own `AUTH` settled.
+    fn upstream_is_clean(&self) -> bool {
+        self.req.pristine
+            && !self.req.in_multi
+            && !self.req.streaming
+            && !self.rep.streaming
+            && !self.auth.in_flight
+            && self.pending.is_empty()
+            && self.uin.is_empty()
+            && self.to_up.is_empty()
+            && !self.up_unflushed
     }
 
     async fn relay(&mut self, shutdown: CancellationToken) -> Result<(), SessionEnd> {
@@ -412,6 +456,7 @@ where
         reply.put_slice(b"\r\n");
         self.pending.push(Owner::Local(reply.freeze()));
         self.req.closing = true;
+        self.req.pristine = false;
     }
 
     /// One complete client frame at the front of `cin`. False: hold it (see `waiting_for_drain`).
@@ -487,6 +532,7 @@ where
         if !self.req.client_authed {
             return None;
         }
+        self.req.pristine &= !cmd.leaves_state();
         match cmd {
             Command::Other | Command::Ping if !self.req.translating => Some(Owner::Client),
             Command::Subscribe(kind) => Some(self.subscription_owner(kind, true, channels)),
@@ -503,6 +549,7 @@ where
         };
         let cmd = Command::classify(name);
         self.ctx.metrics.commands.inc();
+        self.req.pristine &= !cmd.leaves_state();
         if !self.req.client_authed && !matches!(cmd, Command::Auth | Command::Hello | Command::Quit)
         {
             self.local(NOAUTH);
@@ -520,7 +567,7 @@ where
         }
         self.req.waiting_for_drain = false;
         match cmd {
-            Command::Other => self.forward(frame, Owner::Client),
+            Command::Other | Command::Stateful => self.forward(frame, Owner::Client),
             Command::Auth => self.client_auth(args),
             Command::Hello => self.client_hello(frame),
             Command::Reset => self.reset(frame),
