@@ -32,8 +32,14 @@ use tokio_util::sync::CancellationToken;
 
 /// A buffer towards one side stops accepting more once it holds this much.
 const HIGH_WATER: usize = 64 * 1024;
-/// Bytes reserved per read.
+/// Bytes reserved per read once a connection has shown it moves more than small commands.
 const READ_CHUNK: usize = 16 * 1024;
+/// A fresh connection's read buffers start this small: most commands and replies fit, and an
+/// idle connection (thousands of them, for a connection-per-thread application) then holds
+/// little memory. A read that fills it makes the buffer grow to [`READ_CHUNK`].
+const FIRST_READ: usize = 1024;
+/// Below this much free space a read buffer is grown (or its consumed front reclaimed).
+const MIN_READ_SPACE: usize = 256;
 /// A command the proxy must see whole (`HELLO`, `AUTH`, …) may not be larger than this.
 const MAX_HELD_COMMAND: usize = 1024 * 1024;
 /// A reply the proxy must see whole (its own `AUTH` reply, confirmations) may not be larger.
@@ -205,6 +211,9 @@ pub struct Session<C, U = UpstreamStream> {
     to_up: BytesMut,
     /// Bytes for the client.
     to_client: BytesMut,
+    /// A read filled all the room `cin` / `uin` had: they read [`READ_CHUNK`] at a time now.
+    cin_grown: bool,
+    uin_grown: bool,
     /// The upstream writer holds TLS data that a flush must push out.
     up_unflushed: bool,
     requests: Scanner,
@@ -246,6 +255,8 @@ where
             uin: BytesMut::new(),
             to_up: BytesMut::new(),
             to_client: BytesMut::new(),
+            cin_grown: false,
+            uin_grown: false,
             up_unflushed: false,
             requests: Scanner::new(Grammar::Request),
             replies: Scanner::new(Grammar::Reply),
@@ -355,15 +366,17 @@ where
                 && self.pending.entries() < MAX_PENDING_ENTRIES;
             let read_up = self.to_client.len() < HIGH_WATER && self.uin.len() < MAX_HELD_REPLY;
             if read_client {
-                self.cin.reserve(READ_CHUNK);
+                reserve_read_space(&mut self.cin, self.cin_grown);
             }
             if read_up {
-                self.uin.reserve(READ_CHUNK);
+                reserve_read_space(&mut self.uin, self.uin_grown);
             }
+            let (cin_room, uin_room) = (room(&self.cin), room(&self.uin));
             let retry = self.auth.retry_at;
             tokio::select! {
                 r = self.up_rd.read_buf(&mut self.uin), if read_up => {
                     let n = r.map_err(SessionEnd::UpstreamIo)?;
+                    self.uin_grown |= n == uin_room;
                     self.ctx.metrics.bytes_to_client.inc_by(n as u64);
                     if n == 0 {
                         self.process_replies()?; // what came before the close is delivered
@@ -372,6 +385,7 @@ where
                 }
                 r = self.client_rd.read_buf(&mut self.cin), if read_client => {
                     let n = r.map_err(SessionEnd::ClientIo)?;
+                    self.cin_grown |= n == cin_room;
                     self.ctx.metrics.bytes_to_upstream.inc_by(n as u64);
                     if n == 0 {
                         self.req.closing = true;
@@ -1193,6 +1207,21 @@ async fn write_or_flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> std::io
     } else {
         w.write(buf).await
     }
+}
+
+/// Makes room for the next read into `buf`: [`FIRST_READ`] bytes until a read has filled all
+/// the room it had (`grown`), [`READ_CHUNK`] from then on. A buffer with room left is not
+/// touched, and `reserve` reclaims the consumed front of a buffer in place, without allocating.
+fn reserve_read_space(buf: &mut BytesMut, grown: bool) {
+    if buf.capacity() - buf.len() >= MIN_READ_SPACE {
+        return;
+    }
+    buf.reserve(if grown { READ_CHUNK } else { FIRST_READ });
+}
+
+/// Free space of a read buffer, to tell afterwards whether a read filled it.
+fn room(buf: &BytesMut) -> usize {
+    buf.capacity() - buf.len()
 }
 
 /// Resolves once a newer credential is published, giving the watch back for the next wait;
