@@ -341,7 +341,9 @@ where
         // The two waits every session shares with all others (the shutdown token, the
         // credential channel) are created once, not once per loop turn: polling a fresh one
         // each turn would register and unregister a waiter under the shared channel's lock for
-        // every command, and every session contends on that lock.
+        // every command, and every session contends on that lock. The session waits on a child
+        // of the shutdown token, whose waiter list is its own.
+        let shutdown = shutdown.child_token();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         let mut watching = self.ctx.authenticate;
