@@ -27,6 +27,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -92,18 +93,17 @@ impl WarmPool {
 
     /// An idle connection that is still open and whose token is good for at least
     /// [`TAKE_MARGIN`], or `None` (the caller then connects itself).
-    pub fn take(&self) -> Option<Ready> {
+    pub async fn take(&self) -> Option<Ready> {
         let deadline = SystemTime::now() + TAKE_MARGIN;
         loop {
-            let entry = self.inner.pop()?;
+            let mut entry = self.inner.pop()?;
             self.inner.taken.notify_one();
-            let usable = entry
+            let valid = entry
                 .ready
                 .credential
                 .as_ref()
-                .is_none_or(|c| c.is_valid_at(deadline))
-                && looks_open(&entry.ready.stream);
-            if usable {
+                .is_none_or(|c| c.is_valid_at(deadline));
+            if valid && still_open(&mut entry.ready.stream).await {
                 return Some(entry.ready);
             }
             tracing::debug!(
@@ -333,12 +333,14 @@ async fn service(
     Ok((entry, stale))
 }
 
-/// False when the server has closed the connection (or sent anything: an idle connection
-/// receives nothing, so pending bytes mean a TLS alert or an error before a close).
-fn looks_open(stream: &UpstreamStream) -> bool {
-    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    match socket2::SockRef::from(stream.tcp()).peek(&mut byte) {
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-        Ok(_) => false,
-    }
+/// True when an idle connection has nothing to read. Whatever arrived meanwhile is read
+/// without waiting: TLS session tickets are taken in by rustls (still open), a TLS
+/// `close_notify` or a TCP close ends it, and any reply data would mean the connection is not
+/// idle after all (an error the server sent before closing, say): not handed out either.
+async fn still_open(stream: &mut UpstreamStream) -> bool {
+    let mut byte = [0u8; 1];
+    // A zero timeout polls the read once: `Elapsed` means it would have waited.
+    tokio::time::timeout(Duration::ZERO, stream.read(&mut byte))
+        .await
+        .is_err()
 }

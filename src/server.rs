@@ -324,7 +324,10 @@ where
             .inc();
         return reject(client, &reason).await;
     };
-    let warm = shared.pool.as_ref().and_then(WarmPool::take);
+    let warm = match &shared.pool {
+        Some(pool) => pool.take().await,
+        None => None,
+    };
     let opened = match warm {
         Some(ready) => Ok(ready),
         None => shared.connector.open().await,

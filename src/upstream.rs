@@ -83,16 +83,6 @@ pub enum UpstreamStream {
     Plain(TcpStream),
 }
 
-impl UpstreamStream {
-    /// The TCP socket underneath (for a liveness peek of an idle connection).
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            UpstreamStream::Tls(s) => s.get_ref().0,
-            UpstreamStream::Plain(s) => s,
-        }
-    }
-}
-
 impl AsyncRead for UpstreamStream {
     fn poll_read(
         self: Pin<&mut Self>,
