@@ -235,7 +235,8 @@ fn probe<E: std::fmt::Display>(status: Result<(), E>) -> Response<Full<Bytes>> {
     }
 }
 
-fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+/// `405` with the `Allow` header (also used by the injector's HTTPS server).
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     let mut response = text(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("method not allowed: use {allow}\n"),
@@ -246,8 +247,9 @@ fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     response
 }
 
-/// A plain-text response that no cache keeps (a probe's answer is only true now).
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+/// A plain-text response that no cache keeps (a probe's answer is only true now; the injector
+/// answers with it too).
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     let headers = response.headers_mut();

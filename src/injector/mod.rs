@@ -31,11 +31,12 @@ pub mod review;
 pub mod sidecar;
 pub mod tls;
 
+use crate::admin::{method_not_allowed, text};
 use crate::config::InjectorConfig;
 use crate::shutdown::Signals;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use sidecar::Options;
@@ -258,28 +259,4 @@ async fn mutate(body: Incoming, defaults: &Options) -> Response<Full<Bytes>> {
             text(StatusCode::BAD_REQUEST, format!("{bad}\n"))
         }
     }
-}
-
-fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
-    let mut response = text(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("method not allowed: use {allow}\n"),
-    );
-    response
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    response
-}
-
-/// A plain-text response.
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
