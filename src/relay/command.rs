@@ -87,7 +87,8 @@ impl Command {
 
     /// True for commands that leave connection state behind (a database, a name, a protocol,
     /// subscriptions, watched keys, a reply mode, a feed): an upstream connection that ran one
-    /// is closed with its client rather than handed to the next one (see `pool`).
+    /// is closed with its client rather than handed to the next one (see `pool`). For
+    /// `CLIENT`, the subcommand decides: see [`client_subcommand_keeps_no_state`].
     pub fn leaves_state(self) -> bool {
         matches!(
             self,
@@ -113,6 +114,29 @@ impl Command {
                 | Command::Reset
         )
     }
+}
+
+/// `CLIENT` subcommands that leave nothing on the connection a later client could notice: they
+/// read, act on other connections, or (`SETINFO`) set the library name and version that client
+/// libraries such as redis-py 5+ send on every connection, which only `CLIENT LIST` shows and
+/// which the next client sets again. `SETNAME`, `REPLY`, `TRACKING`, `NO-EVICT`, `NO-TOUCH`
+/// and the rest do leave state.
+pub fn client_subcommand_keeps_no_state(sub: &[u8]) -> bool {
+    const HARMLESS: &[&[u8]] = &[
+        b"ID",
+        b"INFO",
+        b"LIST",
+        b"GETNAME",
+        b"SETINFO",
+        b"TRACKINGINFO",
+        b"GETREDIR",
+        b"KILL",
+        b"PAUSE",
+        b"UNPAUSE",
+        b"UNBLOCK",
+        b"HELP",
+    ];
+    HARMLESS.iter().any(|h| h.eq_ignore_ascii_case(sub))
 }
 
 /// The confirmation push name for a (un)subscribe family, as Redis sends it.
@@ -147,6 +171,9 @@ mod tests {
         assert_eq!(Command::classify(b"select"), Command::Stateful);
         assert!(Command::classify(b"CLIENT").leaves_state());
         assert!(!Command::classify(b"EXEC").leaves_state());
+        assert!(client_subcommand_keeps_no_state(b"setinfo"));
+        assert!(!client_subcommand_keeps_no_state(b"SETNAME"));
+        assert!(!client_subcommand_keeps_no_state(b"REPLY"));
         assert_eq!(
             Command::classify(b"punsubscribe"),
             Command::Unsubscribe(SubKind::Pattern)

@@ -548,13 +548,16 @@ where
         if !self.req.client_authed {
             return None;
         }
-        self.req.pristine &= !cmd.leaves_state();
-        match cmd {
+        let owner = match cmd {
             Command::Other | Command::Ping if !self.req.translating => Some(Owner::Client),
             Command::Subscribe(kind) => Some(self.subscription_owner(kind, true, channels)),
             Command::Unsubscribe(kind) => Some(self.subscription_owner(kind, false, channels)),
-            _ => None,
+            _ => None, // held until complete, then handled (and judged) by `command`
+        };
+        if owner.is_some() {
+            self.req.pristine &= !cmd.leaves_state();
         }
+        owner
     }
 
     /// One complete multibulk command. False: hold it until outstanding replies are in.
@@ -565,7 +568,9 @@ where
         };
         let cmd = Command::classify(name);
         self.ctx.metrics.commands.inc();
-        self.req.pristine &= !cmd.leaves_state();
+        if cmd != Command::Client {
+            self.req.pristine &= !cmd.leaves_state(); // `CLIENT`: by subcommand, below
+        }
         if !self.req.client_authed && !matches!(cmd, Command::Auth | Command::Hello | Command::Quit)
         {
             self.local(NOAUTH);
@@ -822,6 +827,8 @@ where
 
     /// `CLIENT REPLY ON|OFF|SKIP` changes which later commands get a reply.
     fn client_command(&mut self, frame: &[u8], mut args: Args<'_>) {
+        let sub = args.clone().next();
+        self.req.pristine &= sub.is_some_and(super::command::client_subcommand_keeps_no_state);
         let mode = match (args.remaining(), args.next(), args.next()) {
             (2, Some(sub), Some(mode)) if sub.eq_ignore_ascii_case(b"REPLY") => {
                 parse_reply_mode(mode)
