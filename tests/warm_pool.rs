@@ -128,6 +128,14 @@ async fn pooled_connections_survive_token_rotations_and_still_serve() {
         "pooled connections {pooled:?} were replaced: now {still:?}"
     );
     assert!(metric(admin, "redis_proxy_reauth_total{result=\"success\"}").await >= 2.0 * 4.0);
+    // The pooled connections' tokens are what the alerting deadline shows, with no client.
+    let deadline = metric(admin, "redis_proxy_reauth_deadline_timestamp_seconds").await;
+    let now = support::unix_now();
+    assert!(
+        // (the fake endpoint gives expiry times in whole seconds, rounded up)
+        deadline > now && deadline <= now + LIFETIME.as_secs_f64() + 1.0,
+        "deadline {deadline}, now {now}"
+    );
 
     let mut c = RespClient::connect(proxy.addr()).await;
     let id = client_id(&mut c).await;
