@@ -830,3 +830,64 @@ async fn a_stackexchange_connection_string_works() {
         assert!(!proxy.output().contains(&key), "the key is in the log");
     }
 }
+
+/// A client that leaves while blocked must not leave a blocked upstream connection behind:
+/// Redis would hand the next pushed element to it, and nobody would ever read it. As Redis
+/// itself does for a client that closes, the proxy closes the upstream connection at once.
+async fn a_client_leaving_a_blpop_loses_no_element(setup: Setup) {
+    let proxy = setup.start_proxy().await;
+    let mut blocked = proxy.raw().await;
+    blocked.send(&["BLPOP", "jobs", "0"]).await;
+    let redis = &setup.redis;
+    let blocked_in_redis = |want: bool| async move {
+        let clients = redis.clients().await;
+        clients
+            .iter()
+            .any(|c| c.cmd == "blpop" && c.flags.contains('b'))
+            == want
+    };
+    assert!(
+        support::wait_until_async(Duration::from_secs(10), || blocked_in_redis(true)).await,
+        "the BLPOP never blocked in Redis"
+    );
+    drop(blocked);
+    assert!(
+        support::wait_until_async(Duration::from_secs(10), || blocked_in_redis(false)).await,
+        "Redis still holds a blocked connection for a client that left"
+    );
+    // An ordinary Redis client now pushes one job: it stays in the list for the next consumer.
+    let mut app = proxy.connection().await;
+    let () = redis::cmd("RPUSH")
+        .arg("jobs")
+        .arg("j1")
+        .query_async::<i64>(&mut app)
+        .await
+        .map(|_| ())
+        .expect("RPUSH");
+    let left: Vec<String> = redis::cmd("LRANGE")
+        .arg("jobs")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut app)
+        .await
+        .expect("LRANGE");
+    assert_eq!(
+        left,
+        ["j1"],
+        "the pushed element went to the departed client"
+    );
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_blpop_loses_no_element_with_an_access_key() {
+    a_client_leaving_a_blpop_loses_no_element(Setup::access_key().await).await;
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_sliced_blpop_loses_no_element_with_entra() {
+    // Tokens of a minute: the BLPOP's slices last many seconds, longer than the wait below.
+    a_client_leaving_a_blpop_loses_no_element(
+        Setup::entra_app_service(Duration::from_secs(60)).await,
+    )
+    .await;
+}

@@ -74,6 +74,10 @@ pub enum Owner {
     /// A blocking command sent with a bounded timeout: a timed-out slice is re-issued (after
     /// re-authenticating) instead of being shown to the client.
     Blocking(Box<BlockingCall>),
+    /// The reply to a blocking command relayed as it is (not sliced: an access key, or a form
+    /// the proxy doesn't slice). The client's; while it is outstanding, a client that leaves
+    /// ends the session at once (see [`Pending::holds_blocking`]).
+    ClientBlocking,
 }
 
 /// The FIFO of reply owners, with runs of [`Owner::Client`] counted in one entry.
@@ -133,6 +137,16 @@ impl Pending {
     }
 
     /// The newest injected `AUTH` still waiting for its reply, if any.
+    /// True while a blocking command's reply is outstanding. Redis keeps a connection blocked
+    /// until its command returns; if the client has gone, the next element pushed to the key
+    /// would be handed to nobody. So a session whose client leaves then closes its upstream
+    /// connection at once, as Redis itself frees a client that closes: Redis unblocks it.
+    pub fn holds_blocking(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|(o, _)| matches!(o, Owner::Blocking(_) | Owner::ClientBlocking))
+    }
+
     pub fn any_auth(&self) -> Option<&Owner> {
         self.queue
             .iter()

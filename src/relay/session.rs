@@ -391,6 +391,9 @@ where
                     self.ctx.metrics.bytes_to_upstream.inc_by(n as u64);
                     if n == 0 {
                         self.req.closing = true;
+                        if self.pending.holds_blocking() {
+                            return Ok(()); // closing upstream unblocks it (see `holds_blocking`)
+                        }
                     }
                 }
                 r = write_or_flush(&mut self.up_wr, &self.to_up),
@@ -633,7 +636,8 @@ where
             .flatten();
         match (call, slice) {
             (Some(call), Some(slice)) => self.issue_blocking(Box::new(call), slice),
-            _ => self.forward(frame, Owner::Client),
+            _ if self.req.in_multi || self.req.monitor => self.forward(frame, Owner::Client),
+            _ => self.forward(frame, Owner::ClientBlocking),
         }
     }
 
@@ -1018,9 +1022,10 @@ where
             return Ok(());
         }
         match self.pending.pop() {
-            None | Some(Owner::Client) | Some(Owner::Subscription { .. }) => {
-                self.to_client.extend_from_slice(frame)
-            }
+            None
+            | Some(Owner::Client)
+            | Some(Owner::ClientBlocking)
+            | Some(Owner::Subscription { .. }) => self.to_client.extend_from_slice(frame),
             Some(Owner::Local(reply)) => {
                 // Not reached: locals are emitted before each frame. Keep order regardless.
                 self.to_client.extend_from_slice(&reply);
@@ -1170,7 +1175,12 @@ where
             let client_owned = self.rep.monitor
                 || matches!(
                     self.pending.head(),
-                    None | Some(Owner::Client | Owner::Subscription { .. } | Owner::Blocking(_))
+                    None | Some(
+                        Owner::Client
+                            | Owner::ClientBlocking
+                            | Owner::Subscription { .. }
+                            | Owner::Blocking(_)
+                    )
                 );
             if !push && !client_owned {
                 if uin.len() >= MAX_HELD_REPLY {
