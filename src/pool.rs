@@ -94,16 +94,10 @@ impl WarmPool {
     /// An idle connection that is still open and whose token is good for at least
     /// [`TAKE_MARGIN`], or `None` (the caller then connects itself).
     pub async fn take(&self) -> Option<Ready> {
-        let deadline = SystemTime::now() + TAKE_MARGIN;
         loop {
             let mut entry = self.inner.pop()?;
             self.inner.taken.notify_one();
-            let valid = entry
-                .ready
-                .credential
-                .as_ref()
-                .is_none_or(|c| c.is_valid_at(deadline));
-            if valid && still_open(&mut entry.ready.stream).await {
+            if token_lasts(&entry.ready) && still_open(&mut entry.ready.stream).await {
                 return Some(entry.ready);
             }
             tracing::debug!(
@@ -118,20 +112,20 @@ impl WarmPool {
     /// it is closed. An application that opens a connection per request then reuses the same
     /// few upstream connections instead of making the pool dial one per request.
     pub fn give_back(&self, ready: Ready) {
-        let fresh_enough = ready
-            .credential
-            .as_ref()
-            .is_none_or(|c| c.is_valid_at(SystemTime::now() + TAKE_MARGIN));
-        if fresh_enough && self.inner.missing() > 0 {
+        if token_lasts(&ready) && self.inner.missing() > 0 {
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
             self.inner.push(Idle { id, ready });
         }
     }
+}
 
-    /// Idle connections now.
-    pub fn idle(&self) -> usize {
-        self.inner.lock().len()
-    }
+/// The connection's token is good for at least [`TAKE_MARGIN`] more (or never expires).
+fn token_lasts(ready: &Ready) -> bool {
+    let deadline = SystemTime::now() + TAKE_MARGIN;
+    ready
+        .credential
+        .as_ref()
+        .is_none_or(|c| c.is_valid_at(deadline))
 }
 
 impl Inner {
