@@ -24,10 +24,12 @@ use crate::health::Health;
 use crate::upstream::{UpstreamStream, roundtrip};
 use bytes::Bytes;
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -333,8 +335,11 @@ async fn service(
 /// idle after all (an error the server sent before closing, say): not handed out either.
 async fn still_open(stream: &mut UpstreamStream) -> bool {
     let mut byte = [0u8; 1];
-    // A zero timeout polls the read once: `Elapsed` means it would have waited.
-    tokio::time::timeout(Duration::ZERO, stream.read(&mut byte))
-        .await
-        .is_err()
+    // Polled exactly once: `Pending` (it would wait) means open. (A zero timeout would do the
+    // same, but waits for the timer wheel's next millisecond tick before it says so.)
+    std::future::poll_fn(|cx| {
+        let mut buf = ReadBuf::new(&mut byte);
+        Poll::Ready(Pin::new(&mut *stream).poll_read(cx, &mut buf).is_pending())
+    })
+    .await
 }
