@@ -16,13 +16,7 @@ import statistics
 import sys
 import time
 
-
-def resp(*args):
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        a = a.encode()
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
+from resp_encode import resp
 
 
 def main():
