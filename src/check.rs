@@ -7,7 +7,7 @@
 
 use crate::config::Config;
 use crate::credential::{AuthCredential, AuthKind, CredentialManager};
-use crate::relay::encode_command;
+use crate::resp::encode_command;
 use crate::upstream::{Upstream, error_text, roundtrip};
 use bytes::BytesMut;
 use std::sync::Arc;

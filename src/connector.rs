@@ -5,20 +5,15 @@
 //! lives in one place: the metrics, the credential wait and the error a refused client sees
 //! can't drift apart between the two paths.
 
-use crate::credential::{AuthCredential, CredentialManager};
+use crate::credential::CredentialManager;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, UpstreamError, UpstreamStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// An upstream connection ready for a client, and the credential of its last `AUTH` (`None`
-/// with `--auth none`).
-pub struct Ready {
-    /// The authenticated stream (database selected).
-    pub stream: UpstreamStream,
-    /// What it was authenticated with.
-    pub credential: Option<Arc<AuthCredential>>,
-}
+/// An upstream connection ready for a client (database selected), and the credential of its
+/// last `AUTH` (`None` with `--auth none`).
+pub type Ready = crate::relay::Upstream<UpstreamStream>;
 
 /// Why an upstream connection could not be made ready. Its text goes to the refused client
 /// after `-ERR redis-entra-proxy: `; it never holds a secret.

@@ -7,7 +7,9 @@
 //! * [`upstream`]: TLS connect + `AUTH` + `SELECT` of one upstream connection.
 //! * [`connector`]: a credential plus an authenticated upstream connection, timed and counted.
 //! * [`pool`]: the warm pool (`--warm-connections`) of connections authenticated ahead of demand.
-//! * [`relay`]: the per-connection byte relay and **re-authentication** (`relay::session`).
+//! * [`resp`]: RESP delimiting, exactly as Redis delimits requests.
+//! * [`relay`]: the per-connection relay and **re-authentication**; every condition under which
+//!   an `AUTH` may be injected is in [`relay::state`].
 //! * [`server`]: the listener that accepts applications and starts one relay per client.
 //! * [`check`]: the `check` subcommand that runs the whole path once.
 //! * [`metrics`], [`health`], [`shutdown`]: what operators see and how the process stops.
@@ -28,6 +30,7 @@ pub mod metrics;
 pub mod ops_client;
 pub mod pool;
 pub mod relay;
+pub mod resp;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

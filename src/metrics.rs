@@ -60,6 +60,9 @@ pub struct Metrics {
     pub bytes_to_client: IntCounter,
     /// `redis_proxy_commands_total`: client commands relayed or answered.
     pub commands: IntCounter,
+    /// `redis_proxy_client_auth_failures_total`: client `AUTH` / `HELLO … AUTH` attempts with a
+    /// wrong `--listen-password`.
+    pub client_auth_failures: IntCounter,
     deadline: Gauge,
     deadlines: Mutex<Deadlines>,
 }
@@ -117,6 +120,10 @@ impl Metrics {
             ),
             bytes_to_client: labelled_counter(BYTES, BYTES_HELP, "direction", "upstream_to_client"),
             commands: counter("redis_proxy_commands_total", "Client commands handled."),
+            client_auth_failures: counter(
+                "redis_proxy_client_auth_failures_total",
+                "Client AUTH attempts with a wrong --listen-password (each makes that connection's next attempt wait longer).",
+            ),
             deadline: Gauge::new(
                 "redis_proxy_reauth_deadline_timestamp_seconds",
                 "Earliest moment (Unix time) at which a live upstream connection's authentication \
@@ -155,6 +162,7 @@ impl Metrics {
             Box::new(self.bytes_to_upstream.clone()),
             Box::new(self.bytes_to_client.clone()),
             Box::new(self.commands.clone()),
+            Box::new(self.client_auth_failures.clone()),
             Box::new(self.deadline.clone()),
         ]
     }

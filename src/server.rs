@@ -9,7 +9,7 @@
 
 use crate::admin::{AdminServer, AdminState};
 use crate::config::{Config, ConfigError, ListenAddr};
-use crate::connector::{Connector, Ready};
+use crate::connector::{Connector, OpenError, Ready};
 use crate::credential::{AuthKind, CredentialManager};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -324,50 +324,32 @@ where
             .inc();
         return reject(client, &reason).await;
     };
-    let warm = match &shared.pool {
-        Some(pool) => pool.take().await,
-        None => None,
-    };
-    let opened = match warm {
-        Some(ready) => Ok(ready),
-        None => shared.connector.open().await,
-    };
-    let Ready {
-        stream: upstream,
-        credential,
-    } = match opened {
-        Ok(ready) => ready,
-        Err(e) => {
-            shared
-                .metrics
-                .client_rejections
-                .with_label_values(&[e.rejection_reason()])
-                .inc();
-            tracing::warn!(conn = id, error = %e, "cannot serve client");
-            return reject(client, &e.to_string()).await;
+    let credentials = shared.connector.credentials.subscribe();
+    let session = if shared.relay.listen_password.is_some() {
+        // The upstream connection is opened only once the client has given the password, so
+        // that anyone who can reach the listener can't use up the cache's connections.
+        let opener_shared = shared.clone();
+        let opener: crate::relay::Opener<crate::upstream::UpstreamStream> = Box::new(move || {
+            Box::pin(async move {
+                open_upstream(&opener_shared, id)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+        Session::with_opener(id, shared.relay.clone(), client, opener, credentials)
+    } else {
+        match open_upstream(&shared, id).await {
+            Ok(ready) => Session::new(id, shared.relay.clone(), client, ready, credentials),
+            Err(e) => return reject(client, &e.to_string()).await,
         }
     };
-    shared.health.mark_started();
     tracing::debug!(conn = id, "connected");
-    shared.metrics.upstream_connections.inc();
-    let session = Session::new(
-        id,
-        shared.relay.clone(),
-        client,
-        upstream,
-        credential,
-        shared.connector.credentials.subscribe(),
-    );
     let (end, recycled) = match &shared.pool {
         Some(_) => session.run_and_recycle(shared.close_sessions.clone()).await,
         None => (session.run(shared.close_sessions.clone()).await, None),
     };
-    shared.metrics.upstream_connections.dec();
     if let (Some(pool), Some(r)) = (&shared.pool, recycled) {
-        pool.give_back(Ready {
-            stream: r.upstream,
-            credential: r.credential,
-        });
+        pool.give_back(r);
     }
     log_end(id, &end);
     if let Some(kind) = upstream_error_kind(&end) {
@@ -376,6 +358,34 @@ where
             .upstream_errors
             .with_label_values(&[kind])
             .inc();
+    }
+}
+
+/// An authenticated upstream connection for client `id`: from the warm pool if it has one,
+/// otherwise a new one. A failure is counted as a rejection and logged.
+async fn open_upstream(shared: &Shared, id: u64) -> Result<Ready, OpenError> {
+    let warm = match &shared.pool {
+        Some(pool) => pool.take().await,
+        None => None,
+    };
+    let opened = match warm {
+        Some(ready) => Ok(ready),
+        None => shared.connector.open().await,
+    };
+    match opened {
+        Ok(ready) => {
+            shared.health.mark_started();
+            Ok(ready)
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .client_rejections
+                .with_label_values(&[e.rejection_reason()])
+                .inc();
+            tracing::warn!(conn = id, error = %e, "cannot serve client");
+            Err(e)
+        }
     }
 }
 
@@ -402,6 +412,7 @@ impl Drop for ClientGuard<'_> {
 fn upstream_error_kind(end: &SessionEnd) -> Option<&'static str> {
     match end {
         SessionEnd::UpstreamClosed => Some("closed"),
+        SessionEnd::UpstreamUnavailable(_) => None, // counted when it failed
         SessionEnd::UpstreamProtocol(_) => Some("protocol"),
         SessionEnd::AuthFailed(_) => Some("auth"),
         SessionEnd::UpstreamIo(_) => Some("io"),
@@ -419,6 +430,9 @@ fn log_end(id: u64, end: &SessionEnd) {
         | SessionEnd::Shutdown
         | SessionEnd::ClientProtocol(_)
         | SessionEnd::ClientIo(_) => {
+            tracing::debug!(conn = id, reason = %end, "connection closed");
+        }
+        SessionEnd::UpstreamUnavailable(_) => {
             tracing::debug!(conn = id, reason = %end, "connection closed");
         }
         SessionEnd::UpstreamClosed

@@ -8,7 +8,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::credential::AuthCredential;
-use crate::relay::resp::{Grammar, Scanner, encode_command};
+use crate::resp::{Grammar, Scanner, encode_command};
 use bytes::{Buf, Bytes, BytesMut};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use std::io;

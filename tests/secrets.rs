@@ -309,8 +309,12 @@ async fn no_secret_in_the_output_with_an_access_key() {
         )
         .await;
     for _ in 0..2 {
+        // The upstream is opened (and refused) only once the client has given the password.
         let mut c = proxy.raw().await;
+        let _ = c.try_send_raw(&encode_command(&["AUTH", &password])).await;
         let _ = c.try_send_raw(&encode_command(&["PING"])).await;
+        let r = c.try_read(Duration::from_secs(10)).await;
+        assert!(matches!(&r, Ok(v) if v.is_ok()), "{r:?}");
         let r = c.try_read(Duration::from_secs(10)).await;
         assert!(
             matches!(&r, Ok(Value::Error(e)) if e.contains("WRONGPASS")),

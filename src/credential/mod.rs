@@ -67,7 +67,7 @@ impl AuthCredential {
             args.push(user.as_bytes());
         }
         args.push(password.expose().as_bytes());
-        let auth_command = crate::relay::encode_command(&args);
+        let auth_command = crate::resp::encode_command(&args);
         AuthCredential {
             username,
             password,

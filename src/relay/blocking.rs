@@ -12,7 +12,7 @@
 //! on the same key may get ahead in the queue; and `XREAD … $` is not sliced (re-issuing `$`
 //! could skip entries added between two slices), so it blocks as sent.
 
-use super::resp::encode_command;
+use crate::resp::encode_command;
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,19 @@ pub struct BlockingCall {
     unit: Unit,
     /// When the client's own timeout ends (`None`: blocks forever).
     deadline: Option<Instant>,
-    /// For `WAIT`: the replica count that ends the wait early.
-    wait_replicas: Option<i64>,
+    /// What a timed-out slice looks like.
+    timeout: TimeoutReply,
+}
+
+/// How the reply of a slice that ran out looks, per command family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimeoutReply {
+    /// A null (list, zset and stream reads).
+    Null,
+    /// `WAIT n`: fewer than `n` replicas acknowledged.
+    Wait(i64),
+    /// `WAITAOF local replicas`: fewer local or replica fsyncs than asked for.
+    WaitAof(i64, i64),
 }
 
 impl BlockingCall {
@@ -54,21 +65,24 @@ impl BlockingCall {
             ),
             b"BLMPOP" | b"BZMPOP" => (1, Unit::Seconds),
             b"WAIT" => (2, Unit::Millis),
+            b"WAITAOF" => (3, Unit::Millis),
             b"XREAD" | b"XREADGROUP" => (stream_block_slot(&args)?, Unit::Millis),
             _ => return None,
         };
         let timeout = parse_timeout(args.get(slot)?, unit)?;
-        let wait_replicas = if name == b"WAIT" {
-            Some(std::str::from_utf8(args.get(1)?).ok()?.parse().ok()?)
-        } else {
-            None
+        let number =
+            |i: usize| -> Option<i64> { std::str::from_utf8(args.get(i)?).ok()?.parse().ok() };
+        let timeout_reply = match name.as_slice() {
+            b"WAIT" => TimeoutReply::Wait(number(1)?),
+            b"WAITAOF" => TimeoutReply::WaitAof(number(1)?, number(2)?),
+            _ => TimeoutReply::Null,
         };
         Some(BlockingCall {
             deadline: timeout.map(|t| now + t),
             args,
             slot,
             unit,
-            wait_replicas,
+            timeout: timeout_reply,
         })
     }
 
@@ -96,13 +110,29 @@ impl BlockingCall {
     }
 
     fn timed_out(&self, reply: &[u8]) -> bool {
-        match self.wait_replicas {
-            Some(wanted) => reply
-                .strip_prefix(b":")
-                .and_then(|r| std::str::from_utf8(r).ok())
-                .and_then(|r| r.trim_end().parse::<i64>().ok())
-                .is_some_and(|acked| acked < wanted),
-            None => matches!(reply, b"*-1\r\n" | b"$-1\r\n" | b"_\r\n"),
+        let integer = |r: &[u8]| -> Option<i64> {
+            std::str::from_utf8(r.strip_prefix(b":")?)
+                .ok()?
+                .trim_end()
+                .parse()
+                .ok()
+        };
+        match self.timeout {
+            TimeoutReply::Null => matches!(reply, b"*-1\r\n" | b"$-1\r\n" | b"_\r\n"),
+            TimeoutReply::Wait(wanted) => integer(reply).is_some_and(|acked| acked < wanted),
+            TimeoutReply::WaitAof(local, replicas) => {
+                let mut counts = crate::resp::reply_elements(reply)
+                    .filter(|(ty, _)| *ty == b':')
+                    .map(|(_, v)| {
+                        std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|v| v.parse::<i64>().ok())
+                    });
+                match (reply.first(), counts.next(), counts.next()) {
+                    (Some(b'*'), Some(Some(l)), Some(Some(r))) => l < local || r < replicas,
+                    _ => false,
+                }
+            }
         }
     }
 }
@@ -151,7 +181,7 @@ mod tests {
 
     fn sent(c: &mut BlockingCall, slice: Duration) -> Vec<String> {
         let bytes = c.encode(slice, Instant::now());
-        super::super::resp::Args::new(&bytes)
+        crate::resp::Args::new(&bytes)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect()
     }
@@ -230,6 +260,18 @@ mod tests {
             "arity error: forwarded for Redis to refuse"
         );
         assert!(call(&["GET", "k"]).is_none());
+    }
+
+    #[test]
+    fn waitaof_is_reissued_only_while_fsyncs_are_missing() {
+        let mut c = call(&["WAITAOF", "1", "0", "0"]).unwrap();
+        assert_eq!(sent(&mut c, Duration::from_secs(1))[3], "1000");
+        assert!(c.should_reissue(b"*2\r\n:0\r\n:0\r\n", Instant::now()));
+        assert!(!c.should_reissue(b"*2\r\n:1\r\n:0\r\n", Instant::now()));
+        assert!(!c.should_reissue(
+            b"-ERR WAITAOF cannot be used when appendonly is disabled\r\n",
+            Instant::now()
+        ));
     }
 
     #[test]

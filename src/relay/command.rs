@@ -1,10 +1,12 @@
 //! The handful of commands the relay must recognise.
 //!
 //! Almost every command is relayed without a look at its arguments. These are the exceptions:
-//! they change connection state that decides whether an injected `AUTH` is safe, or they carry
-//! credentials the proxy replaces. Classification compares the command name without allocating.
+//! they change connection state that decides whether an injected `AUTH` is safe, they carry
+//! credentials the proxy replaces, or their reply has a shape the proxy must know. The name is
+//! compared without allocating.
 
 use super::pending::SubKind;
+use super::state::Replies;
 
 /// What the relay needs to know about a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,9 +21,11 @@ pub enum Command {
     Reset,
     /// `MULTI`: no injection until `EXEC`/`DISCARD`.
     Multi,
-    /// `EXEC` or `DISCARD`: the transaction ends.
-    EndTransaction,
-    /// `CLIENT`: `CLIENT REPLY` changes which commands get replies.
+    /// `EXEC`: the transaction runs (and its queued state changes take effect).
+    Exec,
+    /// `DISCARD`: the transaction is dropped.
+    Discard,
+    /// `CLIENT`: `REPLY` and `TRACKING` matter (see [`ClientSub`]).
     Client,
     /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`.
     Subscribe(SubKind),
@@ -29,14 +33,19 @@ pub enum Command {
     Unsubscribe(SubKind),
     /// `PING`: its reply differs in RESP2 subscribed mode.
     Ping,
-    /// `QUIT`.
+    /// `QUIT`: Redis answers, ignores what follows, and closes.
     Quit,
     /// `MONITOR`: the connection becomes a feed.
     Monitor,
     /// A command that may block (`BLPOP`, `XREAD … BLOCK`, `WAIT`, …): see `blocking`.
     Blocking,
+    /// `SYNC` / `PSYNC`: an RDB payload and a replication stream follow; the connection
+    /// becomes opaque.
+    Sync,
+    /// `ASKING`: binds to the next command.
+    Asking,
     /// `SELECT`, `WATCH`, `READONLY`, `READWRITE`: relayed untouched, but they leave state on
-    /// the connection that the next client must not inherit.
+    /// the connection that the next client must not inherit (see the warm pool).
     Stateful,
 }
 
@@ -48,8 +57,8 @@ impl Command {
             (b"HELLO", Command::Hello),
             (b"RESET", Command::Reset),
             (b"MULTI", Command::Multi),
-            (b"EXEC", Command::EndTransaction),
-            (b"DISCARD", Command::EndTransaction),
+            (b"EXEC", Command::Exec),
+            (b"DISCARD", Command::Discard),
             (b"CLIENT", Command::Client),
             (b"SUBSCRIBE", Command::Subscribe(SubKind::Channel)),
             (b"PSUBSCRIBE", Command::Subscribe(SubKind::Pattern)),
@@ -71,6 +80,10 @@ impl Command {
             (b"XREAD", Command::Blocking),
             (b"XREADGROUP", Command::Blocking),
             (b"WAIT", Command::Blocking),
+            (b"WAITAOF", Command::Blocking),
+            (b"SYNC", Command::Sync),
+            (b"PSYNC", Command::Sync),
+            (b"ASKING", Command::Asking),
             (b"SELECT", Command::Stateful),
             (b"WATCH", Command::Stateful),
             (b"READONLY", Command::Stateful),
@@ -100,6 +113,8 @@ impl Command {
                 | Command::Quit
                 | Command::Monitor
                 | Command::Stateful
+                | Command::Sync
+                | Command::Asking
         )
     }
 
@@ -113,6 +128,52 @@ impl Command {
                 | Command::Quit
                 | Command::Reset
         )
+    }
+}
+
+/// The `CLIENT` subcommands the relay follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientSub {
+    /// `CLIENT REPLY ON|OFF|SKIP` (exactly three arguments, a known mode).
+    Reply(Replies),
+    /// `CLIENT TRACKING ON|OFF …`: whether the connection then tracks keys for itself (on,
+    /// without `REDIRECT`).
+    Tracking {
+        /// Tracking on, without `REDIRECT`.
+        self_tracking: bool,
+    },
+    /// Anything else (relayed as it is).
+    Other,
+}
+
+impl ClientSub {
+    /// Parses the arguments after `CLIENT`.
+    pub fn parse<'a>(mut args: impl Iterator<Item = &'a [u8]>) -> ClientSub {
+        let Some(sub) = args.next() else {
+            return ClientSub::Other;
+        };
+        if sub.eq_ignore_ascii_case(b"REPLY") {
+            let (mode, extra) = (args.next(), args.next());
+            return match (mode, extra) {
+                (Some(m), None) if m.eq_ignore_ascii_case(b"ON") => ClientSub::Reply(Replies::On),
+                (Some(m), None) if m.eq_ignore_ascii_case(b"OFF") => ClientSub::Reply(Replies::Off),
+                (Some(m), None) if m.eq_ignore_ascii_case(b"SKIP") => {
+                    ClientSub::Reply(Replies::Skip)
+                }
+                _ => ClientSub::Other,
+            };
+        }
+        if sub.eq_ignore_ascii_case(b"TRACKING") {
+            let Some(state) = args.next() else {
+                return ClientSub::Other;
+            };
+            let on = state.eq_ignore_ascii_case(b"ON");
+            let redirect = args.any(|a| a.eq_ignore_ascii_case(b"REDIRECT"));
+            return ClientSub::Tracking {
+                self_tracking: on && !redirect,
+            };
+        }
+        ClientSub::Other
     }
 }
 
@@ -139,6 +200,38 @@ pub fn client_subcommand_keeps_no_state(sub: &[u8]) -> bool {
     HARMLESS.iter().any(|h| h.eq_ignore_ascii_case(sub))
 }
 
+/// The name Redis shows for a command in its errors (`c->cmd->fullname`): lowercase, with the
+/// subcommand of a container command (`client|id`, `config|get`).
+pub fn full_name<'a>(mut args: impl Iterator<Item = &'a [u8]>) -> String {
+    const CONTAINERS: &[&[u8]] = &[
+        b"acl",
+        b"client",
+        b"cluster",
+        b"command",
+        b"config",
+        b"function",
+        b"latency",
+        b"memory",
+        b"module",
+        b"object",
+        b"pubsub",
+        b"script",
+        b"sentinel",
+        b"slowlog",
+        b"xgroup",
+        b"xinfo",
+    ];
+    let name = args.next().unwrap_or_default().to_ascii_lowercase();
+    let mut full = String::from_utf8_lossy(&name).into_owned();
+    if CONTAINERS.contains(&name.as_slice())
+        && let Some(sub) = args.next()
+    {
+        full.push('|');
+        full.push_str(&String::from_utf8_lossy(&sub.to_ascii_lowercase()));
+    }
+    full
+}
+
 /// The confirmation push name for a (un)subscribe family, as Redis sends it.
 pub fn confirmation_name(kind: SubKind, subscribe: bool) -> &'static [u8] {
     match (kind, subscribe) {
@@ -163,21 +256,61 @@ pub fn parse_confirmation(name: &[u8]) -> Option<(SubKind, bool)> {
 mod tests {
     use super::*;
 
+    fn args(s: &[&str]) -> impl Iterator<Item = &'static [u8]> + use<> {
+        let owned: Vec<&'static [u8]> = s
+            .iter()
+            .map(|a| &*Box::leak(a.as_bytes().to_vec().into_boxed_slice()))
+            .collect();
+        owned.into_iter()
+    }
+
     #[test]
     fn classifies_case_insensitively() {
         assert_eq!(Command::classify(b"auth"), Command::Auth);
-        assert_eq!(Command::classify(b"Exec"), Command::EndTransaction);
+        assert_eq!(Command::classify(b"Exec"), Command::Exec);
         assert_eq!(Command::classify(b"GET"), Command::Other);
         assert_eq!(Command::classify(b"select"), Command::Stateful);
+        assert_eq!(Command::classify(b"waitaof"), Command::Blocking);
+        assert_eq!(Command::classify(b"psync"), Command::Sync);
         assert!(Command::classify(b"CLIENT").leaves_state());
         assert!(!Command::classify(b"EXEC").leaves_state());
         assert!(client_subcommand_keeps_no_state(b"setinfo"));
         assert!(!client_subcommand_keeps_no_state(b"SETNAME"));
-        assert!(!client_subcommand_keeps_no_state(b"REPLY"));
         assert_eq!(
             Command::classify(b"punsubscribe"),
             Command::Unsubscribe(SubKind::Pattern)
         );
+    }
+
+    #[test]
+    fn client_subcommands() {
+        assert_eq!(
+            ClientSub::parse(args(&["reply", "skip"])),
+            ClientSub::Reply(Replies::Skip)
+        );
+        assert_eq!(
+            ClientSub::parse(args(&["REPLY", "ON", "x"])),
+            ClientSub::Other
+        );
+        assert_eq!(
+            ClientSub::parse(args(&["tracking", "on", "bcast"])),
+            ClientSub::Tracking {
+                self_tracking: true
+            }
+        );
+        assert_eq!(
+            ClientSub::parse(args(&["tracking", "on", "redirect", "7"])),
+            ClientSub::Tracking {
+                self_tracking: false
+            }
+        );
+    }
+
+    #[test]
+    fn full_names_as_redis_shows_them() {
+        assert_eq!(full_name(args(&["GET", "k"])), "get");
+        assert_eq!(full_name(args(&["CLIENT", "ID"])), "client|id");
+        assert_eq!(full_name(args(&["Config", "GET", "x"])), "config|get");
     }
 
     #[test]
