@@ -460,24 +460,41 @@ async fn an_outage_longer_than_the_token_lifetime_closes_and_then_recovers() {
 
 // ----- 5. malformed RESP -------------------------------------------------------------------
 
+/// Malformed input gets exactly what Redis itself answers (Redis is the oracle: the same bytes
+/// are sent to a plain redis-server and through the proxy), and only that connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_resp_gets_a_protocol_error_and_only_that_connection_closes() {
+async fn malformed_resp_gets_redis_own_answer_and_only_that_connection_closes() {
+    use support::differential::{PlainRedis, Script, Step, compare, play};
     let setup = Setup::access_key().await;
     let proxy = setup.start_proxy().await;
+    let direct = PlainRedis::start().await;
     let mut good = proxy.raw().await;
     assert_works(&mut good, "good").await;
 
-    let mut too_big_inline = vec![b'x'; 70 * 1024];
-    let mut too_big_inline_line = too_big_inline.clone();
-    too_big_inline_line.extend_from_slice(b"\r\n");
+    // (An inline line over 64 KiB *with* its newline is refused by the proxy; Redis accepts one
+    // that arrives in the read that crosses 64 KiB: see the README.)
+    let too_big_inline = vec![b'x'; 70 * 1024];
+    let mut nul_then_payload = b"\x00".to_vec();
+    nul_then_payload.extend(std::iter::repeat_n(b'A', 70 * 1024));
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("non-numeric bulk length", b"*1\r\n$abc\r\n".to_vec()),
         ("absurd bulk length", b"*1\r\n$999999999999\r\n".to_vec()),
-        ("non-numeric multibulk length", b"*abc\r\n".to_vec()),
         (
-            "garbage instead of a bulk",
+            "bulk length over 512 MB",
+            b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$2000000000\r\n".to_vec(),
+        ),
+        ("non-numeric multibulk length", b"*abc\r\n".to_vec()),
+        ("multibulk length over INT_MAX", b"*3000000000\r\n".to_vec()),
+        (
+            "not a bulk where one must be",
+            b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\nfooz\r\n".to_vec(),
+        ),
+        // Redis's line search stops at a NUL: it waits for more, as the proxy does.
+        (
+            "a NUL where a bulk header must be",
             b"*2\r\n$3\r\nGET\r\n\x00\xffjunk\r\n".to_vec(),
         ),
+        // Redis skips the two bytes after a payload unread: PINGxx is a PING.
         (
             "bulk not followed by CRLF",
             b"*1\r\n$4\r\nPINGxx\r\n".to_vec(),
@@ -485,27 +502,38 @@ async fn malformed_resp_gets_a_protocol_error_and_only_that_connection_closes() 
         ("binary garbage length", b"*\x01\x02\xfe\r\n".to_vec()),
         ("unbalanced quotes inline", b"SET \"abc def\r\n".to_vec()),
         (
-            "inline line over 64 KiB, no newline",
-            std::mem::take(&mut too_big_inline),
+            "closing quote not followed by a space",
+            b"set \"\"\"test-key\"\"\" v\r\nping\r\n".to_vec(),
         ),
-        ("inline line over 64 KiB", too_big_inline_line),
+        ("inline line over 64 KiB, no newline", too_big_inline),
+        ("a NUL hides an inline line's end", nul_then_payload),
+        (
+            "empty and negative multibulk headers",
+            b"*0\r\n*-1\r\n*-5\r\n\r\n".to_vec(),
+        ),
     ];
     for (name, bytes) in cases {
-        let mut bad = proxy.raw().await;
-        // A valid command first: its reply still comes, before the error.
-        bad.send(&["PING"]).await;
-        let _ = bad.try_send_raw(&bytes).await;
-        match bad.try_read(Duration::from_secs(5)).await {
-            Ok(v) if v == Value::simple("PONG") => {}
-            other => panic!("{name}: the PING before the bad input got {other:?}"),
+        // A valid command first: its reply comes before the error.
+        let mut send = support::resp::encode_command(&["PING"]);
+        send.extend_from_slice(&bytes);
+        let script = Script {
+            connections: 1,
+            steps: vec![
+                Step::Send(0, send),
+                Step::Pause(Duration::from_millis(200)),
+                Step::Send(0, support::resp::encode_command(&["PING", "after"])),
+            ],
+        };
+        let (d, p) = tokio::join!(
+            play(direct.addr(), &script, Duration::from_millis(50)),
+            play(proxy.addr(), &script, Duration::from_millis(50))
+        );
+        if let Err(diff) = compare(&script, &d, &p) {
+            panic!("{name}: {diff}\n--- proxy output ---\n{}", proxy.output());
         }
-        let error = expect_error_then_close(&mut bad, "ERR Protocol error", &proxy).await;
-        eprintln!("{name}: {error}");
         // The other client is unaffected.
         assert_works(&mut good, "good").await;
     }
-    // Everything the proxy did was per connection.
-    assert_works(&mut good, "good").await;
     assert_works(&mut proxy.raw().await, "new").await;
 }
 

@@ -18,6 +18,7 @@
 //! * [`resp`]: a small raw RESP2/RESP3 client ([`RespClient`]) for tests that need byte-level
 //!   control (pipelining, `MULTI`, subscribed mode, noticing a closed connection).
 //! * [`setup`]: ready-made combinations of the above ([`Setup`]).
+//! * [`differential`]: the same bytes to Redis directly and through the proxy, compared.
 //! * [`http`]: the HTTP server plumbing of the fakes, and a tiny HTTP client ([`http_get`],
 //!   [`http_request`]) for the fakes and the proxy's admin endpoint.
 //!
@@ -33,6 +34,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod azure_front;
+pub mod differential;
 pub mod pki;
 pub mod proxy;
 pub mod redis_server;
