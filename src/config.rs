@@ -8,9 +8,11 @@
 //!
 //! How it is put together: clap only splits the command line into raw strings ([`ProxyArgs`]);
 //! every value, whether it came from a flag or a variable, then goes through the same small
-//! parsers here. That keeps one error style (`configuration error: invalid --auth 'x': expected
-//! auto, entra, access-key or none`) and lets tests inject the environment through a function
-//! instead of mutating the process environment. An empty value counts as unset, because
+//! parsers here. That keeps one error style (`configuration error: invalid --tls 'x': expected
+//! true or false`) and lets tests inject the environment through a function instead of
+//! mutating the process environment. An error quotes the value only for options that can't
+//! hold a secret (see `Echo`); the others, connection strings and stray command-line words
+//! are never printed. An empty value counts as unset, because
 //! templated manifests often render an unset option as `""`.
 
 use crate::injector::sidecar;
@@ -382,29 +384,118 @@ pub fn parse_from(
 }
 
 /// Turns clap's `--help`/`--version` into [`Command::Help`], and a usage error into a
-/// one-line [`ConfigError`] (first line of clap's message plus its tip, if any).
+/// one-line [`ConfigError`].
 fn help_or_usage_error(err: clap::Error) -> Result<Command, ConfigError> {
     use clap::error::ErrorKind;
-    let text = err.render().to_string();
     if matches!(
         err.kind(),
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
     ) {
-        return Ok(Command::Help(text));
+        return Ok(Command::Help(err.render().to_string()));
     }
-    let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
-    let first = lines.next().unwrap_or("invalid command line");
-    let mut message = first.trim_start_matches("error: ").to_string();
-    for tip in lines.filter(|line| line.starts_with("tip:")) {
-        message.push_str(&format!(" ({tip})"));
-    }
-    if message.starts_with("the subcommand") {
-        message.push_str(
-            " (put the options after the subcommand: redis-entra-proxy check --upstream ...)",
-        );
-    }
+    let mut message = usage_error_message(&err);
     message.push_str("; run 'redis-entra-proxy --help' to see the options");
     Err(ConfigError(message))
+}
+
+/// What is wrong with the command line, in one line that never quotes what the user typed
+/// unless it is the name of an option or a subcommand.
+///
+/// clap's own messages quote the offending word, and on a command line that word is often a
+/// piece of a secret: the second half of an unquoted password with a space
+/// (`--listen-password my secret` leaves `secret` as a stray argument), or a password that
+/// starts with `-` (`--listen-password -x…` reads as the flag `-x`). So for the errors whose
+/// subject is user input (an unknown argument, an unknown subcommand, an argument where a
+/// subcommand was expected, a rejected value) the message is built here from clap's context;
+/// the other errors (an option given twice, a missing value, …) only quote option names and
+/// keep clap's wording.
+fn usage_error_message(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let string = |kind| match err.get(kind) {
+        Some(ContextValue::String(value)) => Some(value.as_str()),
+        _ => None,
+    };
+    let stray = "an unexpected argument (not shown, as it may be a piece of a secret): quote a \
+                 value that contains spaces, and write --option=VALUE for a value that starts \
+                 with '-'";
+    match err.kind() {
+        ErrorKind::UnknownArgument => match string(ContextKind::InvalidArg) {
+            Some(arg) if looks_like_an_option_name(arg) => {
+                let mut message = format!("unknown option '{arg}'");
+                if let Some(suggested) = string(ContextKind::SuggestedArg) {
+                    message.push_str(&format!(" (did you mean '{suggested}'?)"));
+                }
+                message
+            }
+            _ => stray.to_string(),
+        },
+        ErrorKind::InvalidSubcommand => {
+            let mut message = format!("{stray}; the subcommands are {}", subcommand_list());
+            if let Some(ContextValue::Strings(suggested)) =
+                err.get(ContextKind::SuggestedSubcommand)
+                && let Some(first) = suggested.first()
+            {
+                message.push_str(&format!(" (did you mean '{first}'?)"));
+            }
+            message
+        }
+        ErrorKind::ArgumentConflict => match string(ContextKind::InvalidSubcommand) {
+            Some(sub) if subcommand_names().iter().any(|name| name == sub) => format!(
+                "the subcommand '{sub}' comes after options: put the options after the \
+                 subcommand (redis-entra-proxy {sub} --upstream ...)"
+            ),
+            Some(_) => stray.to_string(),
+            None => clap_first_line(err),
+        },
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::TooManyValues
+            if string(ContextKind::InvalidValue).is_some_and(|value| !value.is_empty()) =>
+        {
+            let arg = string(ContextKind::InvalidArg).unwrap_or("an option");
+            format!("invalid value for {arg} (not shown, as it may hold a secret)")
+        }
+        _ => clap_first_line(err),
+    }
+}
+
+/// The first line of clap's message, for errors that quote option names only.
+fn clap_first_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or("invalid command line");
+    first.trim_start_matches("error: ").to_string()
+}
+
+/// `--` and lowercase words joined by `-`: how this program's options are spelt, so a
+/// misspelt option is worth quoting. A password is unlikely to look like that (it would need
+/// no capital, digit or symbol).
+fn looks_like_an_option_name(arg: &str) -> bool {
+    arg.strip_prefix("--").is_some_and(|name| {
+        (2..=40).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+    })
+}
+
+/// The names of the subcommands, as clap knows them.
+fn subcommand_names() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_string())
+        .collect()
+}
+
+/// `check, wait, shutdown and injector`.
+fn subcommand_list() -> String {
+    let names = subcommand_names();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,46 +716,62 @@ struct Opt {
     flag: &'static str,
     /// `VARIABLE`.
     var: &'static str,
+    /// Whether an error may quote the value.
+    echo: Echo,
+}
+
+/// Whether an error about an option may quote its value. Decided per option: only values that
+/// can never hold a secret are quoted; for the others the error names the option and the shape
+/// expected, which is enough to fix it (the user can look at what they set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Echo {
+    /// A number, a duration, a boolean, a path, an address or a name: quoted, which helps
+    /// when the value came from a template or an unexpected variable.
+    Shown,
+    /// May hold a secret, whole or in part: a host where users paste connection strings and
+    /// URLs with a password, a connection string, a password, or an option that a user could
+    /// mistake for where the secret goes (`--auth <key>`, `--credential <client secret>`).
+    Hidden,
 }
 
 /// Declares the [`Opt`] constants.
 macro_rules! options {
-    ($($name:ident = $flag:literal, $var:literal;)*) => {
+    ($($name:ident = $flag:literal, $var:literal, $echo:ident;)*) => {
         $(
             #[doc = concat!("`", $flag, "` / `", $var, "`.")]
-            const $name: Opt = Opt { flag: $flag, var: $var };
+            const $name: Opt = Opt { flag: $flag, var: $var, echo: Echo::$echo };
         )*
     };
 }
 
 options! {
-    UPSTREAM = "--upstream", "AZURE_REDIS_HOST";
-    CONNECTION_STRING = "--connection-string", "AZURE_REDIS_CONNECTIONSTRING";
-    TLS = "--tls", "AZURE_REDIS_SSL";
-    TLS_SERVER_NAME = "--tls-server-name", "REDIS_PROXY_TLS_SERVER_NAME";
-    CA_FILE = "--ca-file", "REDIS_PROXY_CA_FILE";
-    DATABASE = "--database", "AZURE_REDIS_DATABASE";
-    CONNECT_TIMEOUT = "--connect-timeout", "REDIS_PROXY_CONNECT_TIMEOUT";
-    AUTH = "--auth", "REDIS_PROXY_AUTH";
-    ACCESS_KEY_FILE = "--access-key-file", "REDIS_PROXY_ACCESS_KEY_FILE";
-    CREDENTIAL = "--credential", "REDIS_PROXY_CREDENTIAL";
-    SCOPE = "--scope", "REDIS_PROXY_SCOPE";
-    TOKEN_REFRESH_AT = "--token-refresh-at", "REDIS_PROXY_TOKEN_REFRESH_AT";
-    REAUTH_MARGIN = "--reauth-margin", "REDIS_PROXY_REAUTH_MARGIN";
-    REDIS_USERNAME = "--redis-username", "AZURE_REDIS_USERNAME";
-    LISTEN = "--listen", "REDIS_PROXY_LISTEN";
-    LISTEN_PASSWORD = "--listen-password", "REDIS_PROXY_LISTEN_PASSWORD";
-    MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS";
-    WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS";
-    ADMIN_LISTEN = "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN";
-    SHUTDOWN_DELAY = "--shutdown-delay", "REDIS_PROXY_SHUTDOWN_DELAY";
-    SHUTDOWN_GRACE = "--shutdown-grace", "REDIS_PROXY_SHUTDOWN_GRACE";
-    LOG_FORMAT = "--log-format", "REDIS_PROXY_LOG_FORMAT";
-    WAIT_MAX = "--max", "REDIS_PROXY_WAIT_MAX";
-    INJECTOR_LISTEN = "--listen", "REDIS_PROXY_INJECTOR_LISTEN";
-    INJECTOR_TLS_CERT_FILE = "--tls-cert-file", "REDIS_PROXY_INJECTOR_TLS_CERT_FILE";
-    INJECTOR_TLS_KEY_FILE = "--tls-key-file", "REDIS_PROXY_INJECTOR_TLS_KEY_FILE";
-    INJECTOR_DEFAULTS_FILE = "--defaults-file", "REDIS_PROXY_INJECTOR_DEFAULTS_FILE";
+    UPSTREAM = "--upstream", "AZURE_REDIS_HOST", Hidden;
+    CONNECTION_STRING = "--connection-string", "AZURE_REDIS_CONNECTIONSTRING", Hidden;
+    TLS = "--tls", "AZURE_REDIS_SSL", Shown;
+    TLS_SERVER_NAME = "--tls-server-name", "REDIS_PROXY_TLS_SERVER_NAME", Shown;
+    CA_FILE = "--ca-file", "REDIS_PROXY_CA_FILE", Shown;
+    DATABASE = "--database", "AZURE_REDIS_DATABASE", Shown;
+    CONNECT_TIMEOUT = "--connect-timeout", "REDIS_PROXY_CONNECT_TIMEOUT", Shown;
+    AUTH = "--auth", "REDIS_PROXY_AUTH", Hidden;
+    ACCESS_KEY_FILE = "--access-key-file", "REDIS_PROXY_ACCESS_KEY_FILE", Shown;
+    CREDENTIAL = "--credential", "REDIS_PROXY_CREDENTIAL", Hidden;
+    SCOPE = "--scope", "REDIS_PROXY_SCOPE", Shown;
+    TOKEN_REFRESH_AT = "--token-refresh-at", "REDIS_PROXY_TOKEN_REFRESH_AT", Shown;
+    REAUTH_MARGIN = "--reauth-margin", "REDIS_PROXY_REAUTH_MARGIN", Shown;
+    REDIS_USERNAME = "--redis-username", "AZURE_REDIS_USERNAME", Shown;
+    LISTEN = "--listen", "REDIS_PROXY_LISTEN", Shown;
+    LISTEN_PASSWORD = "--listen-password", "REDIS_PROXY_LISTEN_PASSWORD", Hidden;
+    MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS", Shown;
+    WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS", Shown;
+    ADMIN_LISTEN = "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN", Shown;
+    SHUTDOWN_DELAY = "--shutdown-delay", "REDIS_PROXY_SHUTDOWN_DELAY", Shown;
+    SHUTDOWN_GRACE = "--shutdown-grace", "REDIS_PROXY_SHUTDOWN_GRACE", Shown;
+    LOG_FORMAT = "--log-format", "REDIS_PROXY_LOG_FORMAT", Shown;
+    WAIT_MAX = "--max", "REDIS_PROXY_WAIT_MAX", Shown;
+    INJECTOR_LISTEN = "--listen", "REDIS_PROXY_INJECTOR_LISTEN", Shown;
+    INJECTOR_TLS_CERT_FILE = "--tls-cert-file", "REDIS_PROXY_INJECTOR_TLS_CERT_FILE", Shown;
+    INJECTOR_TLS_KEY_FILE = "--tls-key-file", "REDIS_PROXY_INJECTOR_TLS_KEY_FILE", Shown;
+    INJECTOR_DEFAULTS_FILE = "--defaults-file", "REDIS_PROXY_INJECTOR_DEFAULTS_FILE", Shown;
 }
 
 /// The environment, behind a function so that tests can inject variables.
@@ -680,16 +787,20 @@ struct Given {
     value: String,
     /// `--flag` or `VARIABLE`.
     origin: &'static str,
+    /// Whether an error may quote the value.
+    echo: Echo,
 }
 
 impl Lookup<'_> {
-    /// The variable's value, when set and not empty.
+    /// The variable's value, when set and not empty. Errors won't quote it unless the caller
+    /// says it can't hold a secret ([`Given::shown`]): most such variables are credentials.
     fn var(&self, name: &'static str) -> Option<Given> {
         (self.env)(name)
             .filter(|value| !value.is_empty())
             .map(|value| Given {
                 value,
                 origin: name,
+                echo: Echo::Hidden,
             })
     }
 
@@ -704,8 +815,12 @@ impl Lookup<'_> {
             Some(value) if !value.is_empty() => Some(Given {
                 value: value.to_string(),
                 origin: opt.flag,
+                echo: opt.echo,
             }),
-            _ => self.var(opt.var),
+            _ => self.var(opt.var).map(|given| Given {
+                echo: opt.echo,
+                ..given
+            }),
         }
     }
 
@@ -729,33 +844,45 @@ impl Lookup<'_> {
 }
 
 impl Given {
+    /// The same value, marked as one that can't hold a secret (for a variable without a flag,
+    /// such as `AZURE_REDIS_PORT`), so that errors quote it.
+    fn shown(self) -> Given {
+        Given {
+            echo: Echo::Shown,
+            ..self
+        }
+    }
+
     /// Parses the (trimmed) value, or says which option holds what and what was expected.
-    /// Only for options that are not secrets: the error quotes the value.
     fn parse<T>(
         &self,
         parse: impl FnOnce(&str) -> Option<T>,
         expected: &str,
     ) -> Result<T, ConfigError> {
-        parse(self.value.trim()).ok_or_else(|| {
-            ConfigError(format!(
-                "invalid {} '{}': expected {expected}",
-                self.origin, self.value
-            ))
-        })
+        parse(self.value.trim())
+            .ok_or_else(|| ConfigError(format!("{}: expected {expected}", self.invalid())))
     }
 
-    /// Like [`Given::parse`], for parsers that can say why the value is wrong.
+    /// Like [`Given::parse`], for parsers that can say why the value is wrong. `why` must not
+    /// quote the value.
     fn parse_or_explain<T>(
         &self,
         parse: impl FnOnce(&str) -> Result<T, &'static str>,
         expected: &str,
     ) -> Result<T, ConfigError> {
-        parse(self.value.trim()).map_err(|why| {
-            ConfigError(format!(
-                "invalid {} '{}': {why}; expected {expected}",
-                self.origin, self.value
-            ))
-        })
+        parse(self.value.trim())
+            .map_err(|why| ConfigError(format!("{}: {why}; expected {expected}", self.invalid())))
+    }
+
+    /// `invalid --flag 'value'`, or without the value when it may hold a secret.
+    fn invalid(&self) -> String {
+        match self.echo {
+            Echo::Shown => format!("invalid {} '{}'", self.origin, self.value),
+            Echo::Hidden => format!(
+                "invalid {} (its value is not shown, as it may hold a secret)",
+                self.origin
+            ),
+        }
     }
 
     /// The value as a path.
@@ -990,7 +1117,11 @@ fn upstream(
     };
     let env_port = lookup
         .var("AZURE_REDIS_PORT")
-        .map(|given| given.parse(parse_port, "a port number 1-65535, e.g. 6380"))
+        .map(|given| {
+            given
+                .shown()
+                .parse(parse_port, "a port number 1-65535, e.g. 6380")
+        })
         .transpose()?;
     let port = own_port
         .or(env_port)
@@ -1008,8 +1139,16 @@ fn no_upstream() -> ConfigError {
     )
 }
 
-/// An upstream `HOST[:PORT]`: port 0 can't be dialled.
+/// An upstream `HOST[:PORT]`: port 0 can't be dialled. A value with `,` or `=` is a
+/// connection string given to the wrong option (Service Connector's `AZURE_REDIS_HOST` never has
+/// one), so the reason says where it belongs.
 fn parse_upstream(value: &str) -> Result<(String, Option<u16>), &'static str> {
+    if value.contains([',', '=']) {
+        return Err(
+            "that looks like a connection string (give it with --connection-string or \
+                    AZURE_REDIS_CONNECTIONSTRING)",
+        );
+    }
     match parse_host_port(value)? {
         (_, Some(0)) => Err("port 0 can't be dialled"),
         endpoint => Ok(endpoint),
@@ -1181,8 +1320,17 @@ fn injector_defaults(given: &Given) -> Result<sidecar::Options, ConfigError> {
             given.origin, given.value
         ))
     })?;
-    sidecar::Options::from_defaults_json(&text)
-        .map_err(|why| ConfigError(format!("invalid {} {}: {why}", given.origin, given.value)))
+    // The reason quotes the offending field's value (the injector's messages do, for pod
+    // annotations). Someone may have put a connection string with an access key in the
+    // chart's `upstream`: scrubbed, so that a key-shaped word doesn't reach the log.
+    sidecar::Options::from_defaults_json(&text).map_err(|why| {
+        ConfigError(format!(
+            "invalid {} {}: {}",
+            given.origin,
+            given.value,
+            crate::credential::scrub::scrub(&why)
+        ))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1283,8 +1431,13 @@ fn parse_url_form(value: &str, warnings: &mut Vec<String>) -> Result<ConnectionS
                 .map_err(|_| "the path after the host must be a database number, e.g. /0")?,
         ),
     };
-    for (key, _) in url.query_pairs() {
-        warnings.push(ignored_key_warning(&key));
+    if url.query().is_some() {
+        // Neither names nor values: an unencoded '?' in the password starts the query.
+        warnings.push(
+            "ignoring the query part (after '?') of the connection-string URL: the proxy reads \
+             no parameters there"
+                .to_string(),
+        );
     }
     Ok(ConnectionString {
         host: Some(host),
@@ -1307,48 +1460,48 @@ fn percent_decode(value: &str, what: &str) -> Result<Option<String>, String> {
 
 /// StackExchange.Redis: `host:port,password=…,ssl=True,defaultDatabase=0,user=…`; keys in any
 /// case, unknown keys ignored with a warning.
+///
+/// The `host:port` must come first, as Azure writes it. A password that contains `,` is split
+/// into items here, and the piece after a comma would otherwise become the host (printed in
+/// every log line and error about the upstream) or an unknown key: so an item without `=`
+/// after the first is an error, and unknown keys are counted by position, never named.
 fn parse_stackexchange_form(
     value: &str,
     warnings: &mut Vec<String>,
 ) -> Result<ConnectionString, String> {
     let mut cs = ConnectionString::default();
-    for part in value
+    let mut items = value
         .split(',')
         .map(str::trim)
-        .filter(|part| !part.is_empty())
-    {
-        match part.split_once('=') {
-            None => set_endpoint(&mut cs, part)?,
-            Some((key, value)) => set_key(&mut cs, key.trim(), value.trim(), warnings)?,
-        }
-    }
-    if cs.host.is_none() {
-        return Err("no host:port before the first comma".to_string());
+        .filter(|item| !item.is_empty());
+    let endpoint = items
+        .next()
+        .filter(|item| !item.contains('='))
+        .ok_or("no host:port before the first comma")?;
+    let (host, port) = parse_upstream(endpoint).map_err(|why| format!("bad host:port ({why})"))?;
+    cs.host = Some(host);
+    cs.port = port;
+    for (index, item) in items.enumerate() {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!(
+                "item {} has no '=' (only the first item is a host:port, the proxy connects \
+                 to one cache; a password can't contain ',' in this form: use the URL form with \
+                 the password percent-encoded)",
+                index + 2
+            ));
+        };
+        set_key(&mut cs, key.trim(), value.trim(), warnings, index + 2)?;
     }
     Ok(cs)
 }
 
-/// The `host:port` part of the StackExchange.Redis form; only one is allowed.
-fn set_endpoint(cs: &mut ConnectionString, part: &str) -> Result<(), String> {
-    if cs.host.is_some() {
-        return Err(
-            "more than one host:port (the proxy connects to one cache; a password \
-                    can't contain ',' in this form)"
-                .to_string(),
-        );
-    }
-    let (host, port) = parse_upstream(part).map_err(|why| format!("bad host:port ({why})"))?;
-    cs.host = Some(host);
-    cs.port = port;
-    Ok(())
-}
-
-/// One `key=value` of the StackExchange.Redis form.
+/// One `key=value` of the StackExchange.Redis form, item number `position` (from 1).
 fn set_key(
     cs: &mut ConnectionString,
     key: &str,
     value: &str,
     warnings: &mut Vec<String>,
+    position: usize,
 ) -> Result<(), String> {
     let non_empty = || (!value.is_empty()).then(|| value.to_string());
     match key.to_ascii_lowercase().as_str() {
@@ -1362,26 +1515,23 @@ fn set_key(
                     .map_err(|_| "defaultDatabase must be a number such as 0")?,
             )
         }
-        "sslhost" => cs.tls_server_name = non_empty(),
+        "sslhost" => {
+            cs.tls_server_name = non_empty();
+            if let Some(name) = &cs.tls_server_name {
+                // Checked now, so that no later error quotes it.
+                rustls_pki_types::ServerName::try_from(name.as_str())
+                    .map_err(|_| "sslHost must be a DNS name or IP address")?;
+            }
+        }
         known if CLIENT_SIDE_KEYS.contains(&known) => {}
-        _ => warnings.push(ignored_key_warning(key)),
+        // Not named: after a password with ',' in it, the "key" is a piece of the password.
+        _ => warnings.push(format!(
+            "ignoring item {position} of the connection string: not a key the proxy reads \
+             (password, user, ssl, defaultDatabase, sslHost) nor a client-side option; the key \
+             is not shown, since a password with ',' in it would be split into such items"
+        )),
     }
     Ok(())
-}
-
-/// The warning for an unknown connection-string key. It names the key only when the key looks
-/// like one (a fragment of a password that contains ',' would not be printed), never a value.
-fn ignored_key_warning(key: &str) -> String {
-    let looks_like_a_key = !key.is_empty()
-        && key.len() <= 40
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-    if looks_like_a_key {
-        format!("ignoring unknown connection-string key '{key}'")
-    } else {
-        "ignoring an unknown connection-string key".to_string()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1447,9 +1597,11 @@ fn auth(
     cs_password: Option<Secret>,
     username: Option<String>,
 ) -> Result<AuthConfig, ConfigError> {
-    let modes = "auto, entra, access-key or none";
+    let modes = "auto, entra, access-key or none (the access key itself goes in \
+                 AZURE_REDIS_PASSWORD or a file named by --access-key-file)";
     let mode = lookup.parse(&args.auth, AUTH, parse_auth_mode, modes)?;
-    let kinds = "auto, workload-identity, managed-identity, client-secret or azure-cli";
+    let kinds = "auto, workload-identity, managed-identity, client-secret or azure-cli (a \
+                 client secret itself goes in AZURE_REDIS_CLIENTSECRET)";
     let kind = lookup.parse(&args.credential, CREDENTIAL, parse_credential_kind, kinds)?;
     let kind = kind.unwrap_or(CredentialKind::Auto);
     let key_file = lookup.get(&args.access_key_file, ACCESS_KEY_FILE);
@@ -1721,6 +1873,17 @@ mod tests {
         assert!(line.contains("invalid --upstream"), "{line}");
         let line = error(&["--upstream", "rediss://cache.example"], &[]);
         assert!(line.contains("--connection-string"), "{line}");
+        // A URL or a connection string pasted where the host goes: never quoted.
+        let line = error(&["--upstream", "rediss://:pw-secret@cache.example"], &[]);
+        assert!(line.contains("that is a URL"), "{line}");
+        assert!(!line.contains("pw-secret"), "{line}");
+        let line = error(&[], &[("AZURE_REDIS_HOST", "h:6380,password=pw-secret")]);
+        assert!(
+            line.contains("invalid AZURE_REDIS_HOST (its value"),
+            "{line}"
+        );
+        assert!(line.contains("looks like a connection string"), "{line}");
+        assert!(!line.contains("pw-secret"), "{line}");
         let line = error(&["--upstream", "cache.example:0"], &[]);
         assert!(line.contains("port 0"), "{line}");
         let line = error(&[], &[("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_PORT", "x")]);
@@ -1787,15 +1950,13 @@ mod tests {
     }
 
     #[test]
-    fn url_form_query_keys_are_warned_about_without_values() {
-        let cs = "rediss://cache.example:6380?timeout=topsecretvalue";
+    fn url_form_query_is_warned_about_without_names_or_values() {
+        // An unencoded '?' in a password puts the rest of it in the query (a '#' ends it).
+        let cs = "rediss://:pass@cache.example:6380?wordsecretpart#@x";
         let c = config(&["--connection-string", cs], &[]);
-        assert!(
-            c.warnings.iter().any(|w| w.contains("'timeout'")),
-            "{:?}",
-            c.warnings
-        );
-        assert!(!c.warnings.iter().any(|w| w.contains("topsecretvalue")));
+        let warnings = c.warnings.join("\n");
+        assert!(warnings.contains("query part"), "{warnings}");
+        assert!(!warnings.contains("wordsecretpart"), "{warnings}");
     }
 
     #[test]
@@ -1827,18 +1988,45 @@ mod tests {
     }
 
     #[test]
-    fn stackexchange_form_defaults_to_tls_and_warns_about_unknown_keys() {
-        let cs = "cache.example:6380,password=k,frobnicate=hushhush,a b=c";
+    fn stackexchange_form_defaults_to_tls_and_warns_about_unknown_keys_by_position() {
+        // "ab,cdsecret=" is one password, split at its ',': "cdsecret" is no key to print.
+        let cs = "cache.example:6380,password=ab,cdsecret=,frobnicate=hushhush";
         let c = config(&["--connection-string", cs], &[]);
         assert!(c.tls);
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("item 3"), "{:?}", c.warnings);
+        assert!(c.warnings[1].contains("item 4"), "{:?}", c.warnings);
         let warnings = c.warnings.join("\n");
-        assert!(warnings.contains("'frobnicate'"), "{warnings}");
-        assert!(
-            warnings.contains("an unknown connection-string key"),
-            "{warnings}"
+        for hidden in ["cdsecret", "frobnicate", "hushhush"] {
+            assert!(!warnings.contains(hidden), "{warnings}");
+        }
+    }
+
+    #[test]
+    fn stackexchange_form_takes_the_host_first_only() {
+        // The piece of a password after a ',' must not become the host (which every upstream
+        // log line and error prints), wherever the password is.
+        for cs in [
+            "password=ab,cdsecret",
+            "password=ab,cdsecret,cache.example:6380",
+            "cache.example:6380,password=ab,cdsecret",
+        ] {
+            let line = error(&["--connection-string", cs], &[]);
+            assert!(!line.contains("cdsecret"), "{line}");
+            assert!(
+                line.contains("no host:port before the first comma")
+                    || line.contains("a password can't contain ','"),
+                "{line}"
+            );
+        }
+        let line = error(
+            &[
+                "--connection-string",
+                "cache.example,password=k,sslHost=a b",
+            ],
+            &[],
         );
-        assert!(!warnings.contains("hushhush"), "{warnings}");
-        assert!(!warnings.contains("a b"), "{warnings}");
+        assert!(line.contains("sslHost must be a DNS name"), "{line}");
     }
 
     #[test]
@@ -2066,18 +2254,26 @@ mod tests {
         let line = error(&["--auth", "access-key"], HOST);
         assert!(line.contains("AZURE_REDIS_PASSWORD"), "{line}");
         assert!(line.contains("--access-key-file"), "{line}");
-        let line = error(&["--auth", "password"], HOST);
-        assert!(line.contains("invalid --auth 'password'"), "{line}");
-        assert!(line.contains("auto, entra, access-key or none"), "{line}");
-        let line = error(
-            &[],
-            &[("AZURE_REDIS_HOST", "h"), ("REDIS_PROXY_CREDENTIAL", "x")],
-        );
+        // Someone may take --auth for where the key goes: the value is not quoted.
+        let line = error(&["--auth", "k3y-value"], HOST);
         assert!(
-            line.contains("invalid REDIS_PROXY_CREDENTIAL 'x'"),
+            line.contains("invalid --auth (its value is not shown"),
             "{line}"
         );
+        assert!(line.contains("auto, entra, access-key or none"), "{line}");
+        assert!(line.contains("AZURE_REDIS_PASSWORD"), "{line}");
+        assert!(!line.contains("k3y-value"), "{line}");
+        let line = error(
+            &[],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_CREDENTIAL", "s3cret-value"),
+            ],
+        );
+        assert!(line.contains("invalid REDIS_PROXY_CREDENTIAL ("), "{line}");
         assert!(line.contains("workload-identity"), "{line}");
+        assert!(line.contains("AZURE_REDIS_CLIENTSECRET"), "{line}");
+        assert!(!line.contains("s3cret-value"), "{line}");
         let line = error(&["--credential", "client-secret"], HOST);
         assert!(line.contains("AZURE_REDIS_CLIENTSECRET"), "{line}");
         let vars = [
@@ -2394,6 +2590,21 @@ mod tests {
     }
 
     #[test]
+    fn injector_defaults_errors_hide_an_access_key() {
+        let key = "q8Zx0m3yA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r=";
+        let bad = file_with(&format!(
+            r#"{{"upstream": "cache.example,password={key}"}}"#
+        ));
+        let bad_path = bad.path().display().to_string();
+        let line = error(
+            &["injector", "--tls-cert-file", "c", "--tls-key-file", "k"],
+            &[("REDIS_PROXY_INJECTOR_DEFAULTS_FILE", &bad_path)],
+        );
+        assert!(line.contains("field \"upstream\""), "{line}");
+        assert!(!line.contains(&key[..20]), "{line}");
+    }
+
+    #[test]
     fn help_and_version_are_text_to_print_and_usage_errors_are_one_line() {
         match parse(&["--help"], &[]) {
             Ok(Command::Help(text)) => {
@@ -2405,9 +2616,53 @@ mod tests {
         assert!(matches!(parse(&["--version"], &[]), Ok(Command::Help(v)) if v.contains("0.")));
         let line = error(&["--upstrem", "h"], &[]);
         assert!(
-            line.contains("'--upstrem'") && line.contains("--help"),
+            line.contains("'--upstrem'")
+                && line.contains("'--upstream'?")
+                && line.contains("--help"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn usage_errors_never_quote_what_may_be_a_piece_of_a_secret() {
+        let stray = "an unexpected argument (not shown";
+        for args in [
+            // An unquoted password with a space: the second word is a stray argument.
+            &["--upstream", "h", "--listen-password", "my", "Pw-secret"][..],
+            &[
+                "check",
+                "--upstream",
+                "h",
+                "--listen-password",
+                "my",
+                "Pw-secret",
+            ],
+            &["Pw-secret"],
+            // A password that starts with '-' reads as an option.
+            &["--upstream", "h", "--listen-password", "-Pw-secret"],
+            &["--upstream", "h", "--listen-password", "--Pw-secret"],
+            &["--connection-string=h,password=Pw-secret", "--upstrem", "x"],
+        ] {
+            let line = error(args, &[]);
+            assert!(
+                !line.contains("Pw-secret") && !line.contains("'-P"),
+                "{line}"
+            );
+            assert!(
+                line.contains(stray) || line.contains("unknown option '--upstrem'"),
+                "{args:?}: {line}"
+            );
+        }
+        let line = error(&["chek"], &[]);
+        assert!(line.contains("did you mean 'check'?"), "{line}");
+        assert!(!line.contains("chek"), "{line}");
+        let line = error(&["--upstream", "h", "--upstream", "Pw-secret"], &[]);
+        assert!(line.contains("cannot be used multiple times"), "{line}");
+        assert!(!line.contains("Pw-secret"), "{line}");
+        assert!(looks_like_an_option_name("--listen-pasword"));
+        for not_an_option in ["--Secret", "--s3cret", "-x", "--", "--a", "word"] {
+            assert!(!looks_like_an_option_name(not_an_option), "{not_an_option}");
+        }
     }
 
     #[test]
