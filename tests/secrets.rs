@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use support::resp::encode_command;
 use support::{
-    EndpointMode, ProxyProcess, RespClient, Setup, Value, random_hex, run_to_end, wait_until,
+    EndpointMode, ProxyProcess, RecordingHttpProxy, RespClient, Setup, Value, random_hex,
+    run_to_end, wait_until,
 };
 
 const LIFETIME: Duration = Duration::from_secs(3);
@@ -383,4 +384,55 @@ async fn no_secret_in_the_output_with_an_access_key() {
         assert_eq!(out.code(), Some(expected), "{}", out.all());
         secrets.assert_absent(&out.all(), "check with a connection string");
     }
+}
+
+/// Every variable an HTTP client may take a proxy from, pointing at `proxy`.
+fn proxy_variables(proxy: &RecordingHttpProxy) -> Vec<(&'static str, String)> {
+    [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|name| (name, proxy.url()))
+    .collect()
+}
+
+/// Corporate clusters set `HTTP_PROXY`/`HTTPS_PROXY` in every pod. The identity endpoints must
+/// never be reached through such a proxy: the managed identity endpoint is plain HTTP, and
+/// every answer holds a token. With the variables pointing at a recording fake proxy, tokens
+/// are still obtained (managed identity over HTTP, workload identity over HTTPS; `check` and
+/// a running proxy) and the fake proxy sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_requests_never_go_through_an_http_proxy() {
+    let http_proxy = RecordingHttpProxy::start().await;
+    let variables = proxy_variables(&http_proxy);
+    let env: Vec<(&str, &str)> = variables.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for setup in [
+        Setup::entra_app_service(Duration::from_secs(60)).await,
+        Setup::entra_workload_identity(Duration::from_secs(60)).await,
+    ] {
+        let (code, out) = check_output(&setup, &env).await;
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            http_proxy.requests().is_empty(),
+            "through the HTTP proxy: {:?}\n{out}",
+            http_proxy.requests()
+        );
+        assert!(out.contains("credential: Entra token"), "{out}");
+    }
+    let setup = Setup::entra_app_service(Duration::from_secs(60)).await;
+    let proxy = setup.start_proxy_with(&[], &env).await;
+    let mut c = proxy.raw().await;
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    assert!(setup.msi().tokens_served() >= 1);
+    assert!(
+        http_proxy.requests().is_empty(),
+        "through the HTTP proxy: {:?}\n{}",
+        http_proxy.requests(),
+        proxy.output()
+    );
 }

@@ -13,14 +13,19 @@
 //!   proxy, a TLS-inspecting egress proxy) would be `SSL_CERT_FILE`, which *replaces* the system
 //!   roots instead of adding to them;
 //! * its internal retry policy (up to 8 retries over 60 s) would sit underneath the refresher's
-//!   own lifetime-aware backoff.
+//!   own lifetime-aware backoff;
+//! * reqwest takes a proxy from `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` (corporate clusters
+//!   set them in every pod), so the managed identity request (plain HTTP to IMDS or the App
+//!   Service endpoint) and every token in the answers would pass through that proxy.
 //!
 //! So the proxy passes its own reqwest client (same reqwest 0.13 that typespec uses, so it
 //! implements `azure_core::http::HttpClient`) as the credential's transport: rustls with the
 //! *ring* provider like the rest of the proxy, trusting the system roots (`rustls-native-certs`,
 //! which still honours `SSL_CERT_FILE` / `SSL_CERT_DIR`) **plus** the PEM bundle of `--ca-file`,
-//! with the same timeouts and no-redirect policy as the default client. The credential's own
-//! retries are turned off in [`super::entra`].
+//! with the same timeouts and no-redirect policy as the default client, and **never through a
+//! proxy**: the identity endpoints are link-local (IMDS), local to the host (App Service) or
+//! Entra itself, and none of them needs one. The credential's own retries are turned off in
+//! [`super::entra`].
 
 use crate::config::ConfigError;
 use rustls::RootCertStore;
@@ -53,6 +58,7 @@ pub fn token_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, Conf
         .with_root_certificates(roots)
         .with_no_client_auth();
     reqwest::Client::builder()
+        .no_proxy()
         .tls_backend_preconfigured(tls)
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(READ_TIMEOUT)

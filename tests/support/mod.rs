@@ -18,7 +18,8 @@
 //! * [`resp`]: a small raw RESP2/RESP3 client ([`RespClient`]) for tests that need byte-level
 //!   control (pipelining, `MULTI`, subscribed mode, noticing a closed connection).
 //! * [`setup`]: ready-made combinations of the above ([`Setup`]).
-//! * [`http`]: the HTTP server plumbing of the fakes, and a tiny HTTP client ([`http_get`],
+//! * [`http`]: the HTTP server plumbing of the fakes, a fake forward proxy that records what
+//!   reaches it ([`RecordingHttpProxy`]), and a tiny HTTP client ([`http_get`],
 //!   [`http_request`]) for the fakes and the proxy's admin endpoint.
 //!
 //! Useful facts when writing a test:
@@ -44,7 +45,7 @@ pub mod token_issuer;
 pub mod http;
 
 pub use azure_front::{AuthEvent, AzureFront};
-pub use http::{HttpResponse, http_get, http_post, http_request};
+pub use http::{HttpResponse, RecordingHttpProxy, http_get, http_post, http_request};
 pub use pki::TestPki;
 pub use proxy::{ProxyProcess, RunOutput, run_to_end};
 pub use redis_server::{ClientInfo, RedisServer};
