@@ -101,8 +101,12 @@ pub struct Config {
     pub tls: bool,
     /// SNI and certificate name; defaults to `upstream_host`.
     pub tls_server_name: String,
-    /// Extra trusted CA bundle (PEM) for the upstream.
+    /// Extra trusted CA bundle (PEM) for the upstream only.
     pub ca_file: Option<PathBuf>,
+    /// Extra trusted CA bundle (PEM) for the Entra token endpoint only: a separate trust store,
+    /// so that a CA trusted for the cache (a private one, or a TLS-inspecting proxy's) can't
+    /// vouch for the endpoint that receives the proxy's credentials and hands out its tokens.
+    pub token_ca_file: Option<PathBuf>,
     /// Database `SELECT`ed on each new upstream connection when not 0.
     pub database: u32,
     /// How upstream connections authenticate.
@@ -244,6 +248,9 @@ impl Config {
         }
         if let Some(ca_file) = &self.ca_file {
             parts.push(format!("ca_file={}", ca_file.display()));
+        }
+        if let Some(token_ca_file) = &self.token_ca_file {
+            parts.push(format!("token_ca_file={}", token_ca_file.display()));
         }
         if self.database != 0 {
             parts.push(format!("database={}", self.database));
@@ -621,7 +628,8 @@ struct UpstreamArgs {
     /// SNI and certificate name [env: REDIS_PROXY_TLS_SERVER_NAME] [default: the upstream host]
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
-    /// Extra trusted CA (PEM) for the upstream [env: REDIS_PROXY_CA_FILE] [default: system roots]
+    /// Extra trusted CA (PEM) for the upstream only, on top of the system roots
+    /// [env: REDIS_PROXY_CA_FILE]
     #[arg(long, value_name = "PATH")]
     ca_file: Option<String>,
     /// SELECTed on each new upstream connection when not 0 [env: AZURE_REDIS_DATABASE] [default: 0]
@@ -651,6 +659,10 @@ struct AuthArgs {
     /// Entra token scope [env: REDIS_PROXY_SCOPE] [default: https://redis.azure.com/.default]
     #[arg(long, value_name = "S")]
     scope: Option<String>,
+    /// Extra trusted CA (PEM) for the Entra token endpoint only (AZURE_AUTHORITY_HOST), on top
+    /// of the system roots; --ca-file is not trusted there [env: REDIS_PROXY_TOKEN_CA_FILE]
+    #[arg(long, value_name = "PATH")]
+    token_ca_file: Option<String>,
     /// Fetch a new token once this fraction of its lifetime has passed
     /// [env: REDIS_PROXY_TOKEN_REFRESH_AT] [default: 0.75]
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
@@ -756,6 +768,7 @@ options! {
     ACCESS_KEY_FILE = "--access-key-file", "REDIS_PROXY_ACCESS_KEY_FILE", Shown;
     CREDENTIAL = "--credential", "REDIS_PROXY_CREDENTIAL", Hidden;
     SCOPE = "--scope", "REDIS_PROXY_SCOPE", Shown;
+    TOKEN_CA_FILE = "--token-ca-file", "REDIS_PROXY_TOKEN_CA_FILE", Shown;
     TOKEN_REFRESH_AT = "--token-refresh-at", "REDIS_PROXY_TOKEN_REFRESH_AT", Shown;
     REAUTH_MARGIN = "--reauth-margin", "REDIS_PROXY_REAUTH_MARGIN", Shown;
     REDIS_USERNAME = "--redis-username", "AZURE_REDIS_USERNAME", Shown;
@@ -1025,7 +1038,8 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         upstream_host,
         upstream_port,
         tls,
-        ca_file: ca_file(&up.ca_file, lookup)?,
+        ca_file: ca_file(&up.ca_file, CA_FILE, lookup)?,
+        token_ca_file: ca_file(&au.token_ca_file, TOKEN_CA_FILE, lookup)?,
         database: lookup
             .parse(
                 &up.database,
@@ -1178,9 +1192,14 @@ fn tls_server_name(
     }
 }
 
-/// The extra CA file, read once now so that a wrong path fails at startup, not at first use.
-fn ca_file(flag: &Option<String>, lookup: &Lookup) -> Result<Option<PathBuf>, ConfigError> {
-    let Some(given) = lookup.get(flag, CA_FILE) else {
+/// An extra CA file (`--ca-file` or `--token-ca-file`), read once now so that a wrong path
+/// fails at startup, not at first use.
+fn ca_file(
+    flag: &Option<String>,
+    opt: Opt,
+    lookup: &Lookup,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(given) = lookup.get(flag, opt) else {
         return Ok(None);
     };
     let path = given.path();
@@ -1811,6 +1830,7 @@ mod tests {
         assert!(c.tls);
         assert_eq!(c.tls_server_name, "cache.example");
         assert_eq!(c.ca_file, None);
+        assert_eq!(c.token_ca_file, None);
         assert_eq!(c.database, 0);
         assert!(matches!(
             c.auth,
@@ -2489,6 +2509,25 @@ mod tests {
             line.contains("cannot read REDIS_PROXY_CA_FILE /nope"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn token_ca_file_is_its_own_option() {
+        let ca = file_with("-----BEGIN CERTIFICATE-----\n");
+        let path = ca.path().to_str().unwrap();
+        let c = config(&["--token-ca-file", path], HOST);
+        assert_eq!(c.token_ca_file.as_deref(), Some(ca.path()));
+        assert_eq!(c.ca_file, None);
+        assert!(c.describe().contains(&format!("token_ca_file={path}")));
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("REDIS_PROXY_TOKEN_CA_FILE", path),
+        ];
+        let c = config(&["--ca-file", path], &vars);
+        assert_eq!(c.token_ca_file.as_deref(), Some(ca.path()));
+        assert_eq!(c.ca_file.as_deref(), Some(ca.path()));
+        let line = error(&["--token-ca-file", "/nope"], HOST);
+        assert!(line.contains("cannot read --token-ca-file /nope"), "{line}");
     }
 
     // --- subcommands, help, describe --------------------------------------------------------

@@ -6,6 +6,10 @@
 //! and then searches everything the proxy printed (stdout and stderr) for every token ever
 //! issued, the access key, the client secret, the federated assertion, the identity header and
 //! the passwords. The same goes for `redis-entra-proxy check`.
+//!
+//! Tokens and credentials also go nowhere but to their endpoints: identity requests never go
+//! through an HTTP proxy from the environment, and the upstream's CA is not trusted for the
+//! token endpoint (nor the reverse).
 
 mod support;
 
@@ -435,4 +439,48 @@ async fn identity_requests_never_go_through_an_http_proxy() {
         http_proxy.requests(),
         proxy.output()
     );
+}
+
+/// `args` without the flag `flag` and its value.
+fn without_flag(args: &[String], flag: &str) -> Vec<String> {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{flag} not in {args:?}"));
+    [&args[..at], &args[at + 2..]].concat()
+}
+
+/// Two trust stores: `--ca-file` (the upstream's) is not trusted for the Entra token endpoint,
+/// so a CA meant for the cache (a private one, a TLS-inspecting proxy's) can't vouch for the
+/// endpoint that receives the proxy's credentials and hands out its tokens; and
+/// `--token-ca-file` is not trusted for the upstream. Here one test CA signs both servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_ca_is_not_trusted_for_the_token_endpoint_nor_the_reverse() {
+    let mut setup = Setup::entra_workload_identity(Duration::from_secs(60)).await;
+    let both = setup.args.clone();
+    let (code, out) = check_output(&setup, &[]).await;
+    assert_eq!(code, Some(0), "{out}");
+
+    // Only --ca-file: the token endpoint's certificate is not trusted.
+    setup.args = without_flag(&both, "--token-ca-file");
+    let requests = setup.entra().requests();
+    let (code, out) = check_output(&setup, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("result: FAILED: credential:"))
+        .unwrap_or_else(|| panic!("no failed credential step:\n{out}"));
+    assert!(failed.contains("UnknownIssuer"), "{failed}");
+    assert_eq!(setup.entra().requests(), requests, "a request got through");
+
+    // Only --token-ca-file: the token is obtained, the cache's certificate is not trusted.
+    setup.args = without_flag(&both, "--ca-file");
+    let (code, out) = check_output(&setup, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("credential: Entra token"), "{out}");
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("result: FAILED"))
+        .unwrap_or_else(|| panic!("no failed step:\n{out}"));
+    assert!(failed.contains("UnknownIssuer"), "{failed}");
 }
