@@ -1,30 +1,24 @@
 //! Configuration errors as a user meets them: the real binary, a clean environment, exit
 //! status 2 and exactly one line on stderr that says what is wrong and how to fix it, with no
-//! secret anywhere in the output (spec §2).
+//! secret anywhere in the output (spec §2). Runs go through `support::run_to_end`, which is
+//! bounded: a bad configuration that is wrongly accepted starts the proxy, and that fails the
+//! test instead of hanging it.
 
-use std::process::{Command, Output};
+mod support;
+
+use support::run_to_end;
 
 /// A password that must never be printed.
 const SECRET: &str = "hunter2-s3cret";
 
-/// Runs the binary with `args` and only `vars` (plus `PATH`) in its environment.
-fn proxy(args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_redis-entra-proxy"));
-    command.env_clear().args(args).envs(vars.iter().copied());
-    if let Some(path) = std::env::var_os("PATH") {
-        command.env("PATH", path);
-    }
-    command.output().expect("run redis-entra-proxy")
-}
-
 /// Asserts a configuration error whose line contains every one of `hints`, and that the
 /// secret appears nowhere.
-fn assert_config_error(args: &[&str], vars: &[(&str, &str)], hints: &[&str]) -> String {
-    let output = proxy(args, vars);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{args:?}: stderr={stderr}");
-    let line = stderr.strip_suffix('\n').unwrap_or(&stderr);
+async fn assert_config_error(args: &[&str], vars: &[(&str, &str)], hints: &[&str]) -> String {
+    let output = run_to_end(args, vars).await;
+    let stdout = output.stdout.as_str();
+    let stderr = output.stderr.as_str();
+    assert_eq!(output.code(), Some(2), "{args:?}: stderr={stderr}");
+    let line = stderr.strip_suffix('\n').unwrap_or(stderr);
     assert!(!line.contains('\n'), "more than one line: {stderr}");
     assert!(line.starts_with("configuration error: "), "{line}");
     for hint in hints {
@@ -35,17 +29,18 @@ fn assert_config_error(args: &[&str], vars: &[(&str, &str)], hints: &[&str]) -> 
     line.to_string()
 }
 
-#[test]
-fn no_upstream() {
+#[tokio::test]
+async fn no_upstream() {
     assert_config_error(
         &[],
         &[],
         &["no upstream", "--upstream HOST[:PORT]", "AZURE_REDIS_HOST"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn malformed_url_connection_string_does_not_echo_the_password() {
+#[tokio::test]
+async fn malformed_url_connection_string_does_not_echo_the_password() {
     let cs = format!("rediss://:{SECRET}@cache.example:notaport");
     assert_config_error(
         &["--connection-string", &cs],
@@ -54,10 +49,11 @@ fn malformed_url_connection_string_does_not_echo_the_password() {
             "malformed connection string",
             "rediss://[user][:password]@host",
         ],
-    );
+    )
+    .await;
     // An unencoded '/' splits the password: neither half may be printed.
     let cs = "rediss://:hunter2/s3cret@cache.example:6380";
-    let line = assert_config_error(&[], &[("AZURE_REDIS_CONNECTIONSTRING", cs)], &[]);
+    let line = assert_config_error(&[], &[("AZURE_REDIS_CONNECTIONSTRING", cs)], &[]).await;
     assert!(line.contains("AZURE_REDIS_CONNECTIONSTRING"), "{line}");
     assert!(
         !line.contains("hunter2") && !line.contains("s3cret"),
@@ -65,8 +61,8 @@ fn malformed_url_connection_string_does_not_echo_the_password() {
     );
 }
 
-#[test]
-fn malformed_stackexchange_connection_string_does_not_echo_the_password() {
+#[tokio::test]
+async fn malformed_stackexchange_connection_string_does_not_echo_the_password() {
     let cs = format!("password={SECRET},ssl=True,abortConnect=False");
     assert_config_error(
         &[],
@@ -75,26 +71,29 @@ fn malformed_stackexchange_connection_string_does_not_echo_the_password() {
             "malformed connection string in AZURE_REDIS_CONNECTIONSTRING",
             "host:port",
         ],
-    );
+    )
+    .await;
     let cs = format!("cache.example:6380,password={SECRET},ssl=sometimes");
     assert_config_error(
         &["--connection-string", &cs],
         &[],
         &["ssl must be true or false"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn unknown_auth_mode() {
+#[tokio::test]
+async fn unknown_auth_mode() {
     assert_config_error(
         &["--upstream", "cache.example", "--auth", "password"],
         &[],
         &["invalid --auth (", "auto, entra, access-key or none"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn unknown_credential_kind() {
+#[tokio::test]
+async fn unknown_credential_kind() {
     assert_config_error(
         &[],
         &[
@@ -102,7 +101,8 @@ fn unknown_credential_kind() {
             ("REDIS_PROXY_CREDENTIAL", "default"),
         ],
         &["invalid REDIS_PROXY_CREDENTIAL (", "workload-identity"],
-    );
+    )
+    .await;
 }
 
 /// A secret marker that must never be printed, and pieces of it that must not be either.
@@ -208,17 +208,17 @@ const LEAKY: &[Leaky] = &[
     },
 ];
 
-#[test]
-fn errors_about_values_that_may_hold_a_secret_never_print_them() {
+#[tokio::test]
+async fn errors_about_values_that_may_hold_a_secret_never_print_them() {
     for subcommand in [None, Some("check")] {
         for case in LEAKY {
             let mut args: Vec<&str> = subcommand.into_iter().collect();
             args.extend_from_slice(case.args);
-            let output = proxy(&args, case.vars);
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-            let line = stderr.strip_suffix('\n').unwrap_or(&stderr);
+            let output = run_to_end(&args, case.vars).await;
+            let stdout = output.stdout.as_str();
+            let stderr = output.stderr.as_str();
+            assert_eq!(output.code(), Some(2), "{args:?}: {stderr}");
+            let line = stderr.strip_suffix('\n').unwrap_or(stderr);
             assert!(!line.contains('\n'), "more than one line: {stderr}");
             assert!(line.starts_with("configuration error: "), "{line}");
             for hint in case.hints {
@@ -237,8 +237,8 @@ fn errors_about_values_that_may_hold_a_secret_never_print_them() {
 
 /// Connection strings that parse, with a piece of a password where a key or a query goes:
 /// `check` (which stops at the unreachable upstream) prints the warning, but not the piece.
-#[test]
-fn warnings_about_connection_strings_never_print_pieces_of_them() {
+#[tokio::test]
+async fn warnings_about_connection_strings_never_print_pieces_of_them() {
     for (cs, warning) in [
         (
             "127.0.0.1:1,password=ab,S3CR3T-q8Zx0m3y=,ssl=False",
@@ -249,16 +249,13 @@ fn warnings_about_connection_strings_never_print_pieces_of_them() {
             "ignoring the query part",
         ),
     ] {
-        let output = proxy(
+        let output = run_to_end(
             &["check", "--connect-timeout", "2s"],
             &[("AZURE_REDIS_CONNECTIONSTRING", cs), ("RUST_LOG", "trace")],
-        );
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_eq!(output.status.code(), Some(1), "{cs}: {all}");
+        )
+        .await;
+        let all = format!("{}{}", output.stdout.as_str(), output.stderr.as_str());
+        assert_eq!(output.code(), Some(1), "{cs}: {all}");
         assert!(all.contains(warning), "{cs}: {all}");
         assert!(all.contains("result: FAILED"), "{cs}: {all}");
         for piece in [MARKER, "S3CR3T", "q8Zx0m3y"] {
@@ -267,8 +264,8 @@ fn warnings_about_connection_strings_never_print_pieces_of_them() {
     }
 }
 
-#[test]
-fn unreadable_access_key_file() {
+#[tokio::test]
+async fn unreadable_access_key_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let missing = dir.path().join("access-key");
     let missing = missing.to_str().expect("UTF-8 path");
@@ -280,20 +277,22 @@ fn unreadable_access_key_file() {
             missing,
             "mount the Secret",
         ],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn access_key_mode_without_a_key() {
+#[tokio::test]
+async fn access_key_mode_without_a_key() {
     assert_config_error(
         &["--upstream", "cache.example", "--auth", "access-key"],
         &[],
         &["AZURE_REDIS_PASSWORD", "--access-key-file"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn bad_duration() {
+#[tokio::test]
+async fn bad_duration() {
     assert_config_error(
         &[
             "--upstream",
@@ -303,29 +302,32 @@ fn bad_duration() {
         ],
         &[],
         &["invalid --reauth-margin", "3m, 30s, 500ms"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn bad_token_refresh_at() {
+#[tokio::test]
+async fn bad_token_refresh_at() {
     assert_config_error(
         &["--upstream", "cache.example", "--token-refresh-at", "1.5"],
         &[],
         &["invalid --token-refresh-at '1.5'", "between 0 and 1"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn bad_listen_address() {
+#[tokio::test]
+async fn bad_listen_address() {
     assert_config_error(
         &["--upstream", "cache.example", "--listen", "6379"],
         &[],
         &["invalid --listen '6379'", "host:port or unix:/path"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn workload_identity_without_tenant() {
+#[tokio::test]
+async fn workload_identity_without_tenant() {
     assert_config_error(
         &[],
         &[
@@ -338,26 +340,28 @@ fn workload_identity_without_tenant() {
             ("AZURE_REDIS_CLIENTSECRET", SECRET),
         ],
         &["workload identity needs a tenant id", "AZURE_TENANT_ID"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn unknown_flag_is_a_one_line_usage_error() {
+#[tokio::test]
+async fn unknown_flag_is_a_one_line_usage_error() {
     assert_config_error(
         &["--upstrem", "cache.example"],
         &[],
         &["'--upstrem'", "--help"],
-    );
+    )
+    .await;
 }
 
-#[test]
-fn help_exits_0() {
-    let output = proxy(&["--help"], &[]);
-    assert_eq!(output.status.code(), Some(0));
-    let stdout = String::from_utf8_lossy(&output.stdout);
+#[tokio::test]
+async fn help_exits_0() {
+    let output = run_to_end(&["--help"], &[]).await;
+    assert_eq!(output.code(), Some(0));
+    let stdout = output.stdout.as_str();
     assert!(stdout.contains("--upstream"), "{stdout}");
     assert!(stdout.contains("AZURE_REDIS_CONNECTIONSTRING"), "{stdout}");
-    let output = proxy(&["--version"], &[]);
-    assert_eq!(output.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&output.stdout).starts_with("redis-entra-proxy "));
+    let output = run_to_end(&["--version"], &[]).await;
+    assert_eq!(output.code(), Some(0));
+    assert!(output.stdout.as_str().starts_with("redis-entra-proxy "));
 }
