@@ -625,6 +625,16 @@ struct UpstreamArgs {
     /// TLS to the upstream; plaintext only when false [env: AZURE_REDIS_SSL] [default: true]
     #[arg(long, value_name = "BOOL")]
     tls: Option<String>,
+    /// Allow Entra authentication over a plaintext upstream (--tls false, redis://): the token
+    /// travels in clear text [env: REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT] [default: false]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    insecure_entra_over_plaintext: Option<String>,
     /// SNI and certificate name [env: REDIS_PROXY_TLS_SERVER_NAME] [default: the upstream host]
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
@@ -760,6 +770,8 @@ options! {
     UPSTREAM = "--upstream", "AZURE_REDIS_HOST", Hidden;
     CONNECTION_STRING = "--connection-string", "AZURE_REDIS_CONNECTIONSTRING", Hidden;
     TLS = "--tls", "AZURE_REDIS_SSL", Shown;
+    INSECURE_ENTRA_OVER_PLAINTEXT =
+        "--insecure-entra-over-plaintext", "REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT", Shown;
     TLS_SERVER_NAME = "--tls-server-name", "REDIS_PROXY_TLS_SERVER_NAME", Shown;
     CA_FILE = "--ca-file", "REDIS_PROXY_CA_FILE", Shown;
     DATABASE = "--database", "AZURE_REDIS_DATABASE", Shown;
@@ -1009,19 +1021,49 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         ops,
     } = args;
     let mut warnings = Vec::new();
-    let cs = match lookup.get(&up.connection_string, CONNECTION_STRING) {
-        Some(given) => connection_string(&given, &mut warnings)?,
+    let cs_given = lookup.get(&up.connection_string, CONNECTION_STRING);
+    let cs = match &cs_given {
+        Some(given) => connection_string(given, &mut warnings)?,
         None => ConnectionString::default(),
     };
     let (upstream_host, upstream_port) = upstream(&up.upstream, lookup, &cs)?;
-    let tls = lookup
-        .parse(&up.tls, TLS, parse_bool, "true or false")?
+    let tls_given = lookup.get(&up.tls, TLS);
+    let tls = tls_given
+        .as_ref()
+        .map(|given| given.parse(parse_bool, "true or false"))
+        .transpose()?
         .or(cs.tls)
         .unwrap_or(true);
+    let tls_server_name = tls_server_name(&up.tls_server_name, lookup, &cs, &upstream_host)?;
     let redis_username = lookup
         .get(&au.redis_username, REDIS_USERNAME)
         .map(|given| given.value)
         .or_else(|| cs.user.clone());
+    let auth = auth(&au, lookup, cs.password, redis_username.clone())?;
+    let insecure = lookup
+        .parse(
+            &up.insecure_entra_over_plaintext,
+            INSECURE_ENTRA_OVER_PLAINTEXT,
+            parse_bool,
+            "true or false",
+        )?
+        .unwrap_or(false);
+    if !tls {
+        let turned_off_by = match (&tls_given, &cs_given) {
+            (Some(given), _) if given.origin.starts_with("--") => {
+                format!("{} {}", given.origin, given.value)
+            }
+            (Some(given), _) => format!("{}={}", given.origin, given.value),
+            (None, Some(given)) => {
+                format!(
+                    "a redis:// or ssl=False connection string in {}",
+                    given.origin
+                )
+            }
+            (None, None) => "--tls false".to_string(),
+        };
+        warnings.push(plaintext_warning(&turned_off_by, &auth, insecure)?);
+    }
     let listen = listen(&clients.listen, lookup)?;
     let listen_password = lookup
         .get(&clients.listen_password, LISTEN_PASSWORD)
@@ -1034,7 +1076,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
     }
     let count = "a number of connections such as 0 or 4";
     Ok(Config {
-        tls_server_name: tls_server_name(&up.tls_server_name, lookup, &cs, &upstream_host)?,
+        tls_server_name,
         upstream_host,
         upstream_port,
         tls,
@@ -1049,7 +1091,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             )?
             .or(cs.database)
             .unwrap_or(0),
-        auth: auth(&au, lookup, cs.password, redis_username.clone())?,
+        auth,
         scope: lookup
             .get(&au.scope, SCOPE)
             .map_or_else(|| DEFAULT_SCOPE.to_string(), |given| given.value),
@@ -1142,6 +1184,32 @@ fn upstream(
         .or(fallback_port)
         .unwrap_or(DEFAULT_PORT);
     Ok((host, port))
+}
+
+/// The warning for a plaintext upstream (TLS turned off by `turned_off_by`), or the error when
+/// that would send Entra tokens in clear text without `--insecure-entra-over-plaintext`: anyone
+/// on the path could read a token and use it until it expires, so the spec wants the user to
+/// say so with a flag whose name says it is insecure. An access key over plaintext is only
+/// warned about, as `--tls false` is already explicit.
+fn plaintext_warning(
+    turned_off_by: &str,
+    auth: &AuthConfig,
+    insecure_entra: bool,
+) -> Result<String, ConfigError> {
+    let off = format!("TLS to the upstream is off ({turned_off_by})");
+    match auth {
+        AuthConfig::Entra(_) if !insecure_entra => Err(ConfigError(format!(
+            "{off}, so the Entra token would travel in clear text: turn TLS on, or accept that \
+             risk with --insecure-entra-over-plaintext (REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT\
+             =true)"
+        ))),
+        AuthConfig::Entra(_) => Ok(format!(
+            "{off} and --insecure-entra-over-plaintext is set: Entra tokens travel in clear text, \
+             and whoever reads one can use it until it expires"
+        )),
+        AuthConfig::AccessKey { .. } => Ok(format!("{off}: the access key travels in clear text")),
+        AuthConfig::None => Ok(format!("{off}: commands and replies travel in clear text")),
+    }
 }
 
 /// The error when nothing names the cache.
@@ -1873,7 +1941,17 @@ mod tests {
 
     #[test]
     fn upstream_accepts_ipv6_literals() {
-        let c = config(&["--upstream", "[::1]:6380", "--tls", "false"], &[]);
+        let c = config(
+            &[
+                "--upstream",
+                "[::1]:6380",
+                "--tls",
+                "false",
+                "--auth",
+                "none",
+            ],
+            &[],
+        );
         assert_eq!(c.upstream_host, "::1");
         assert_eq!(c.upstream_port, 6380);
         assert_eq!(c.upstream_address(), "[::1]:6380");
@@ -1952,7 +2030,15 @@ mod tests {
 
     #[test]
     fn url_form_redis_scheme_means_plaintext_unless_tls_is_given() {
-        let c = config(&["--connection-string", "redis://localhost:6379"], &[]);
+        let c = config(
+            &[
+                "--connection-string",
+                "redis://localhost:6379",
+                "--auth",
+                "none",
+            ],
+            &[],
+        );
         assert!(!c.tls);
         let c = config(
             &[
@@ -2412,11 +2498,76 @@ mod tests {
             ("No", false),
         ] {
             let vars = [("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_SSL", value)];
-            assert_eq!(config(&[], &vars).tls, expected, "{value}");
+            assert_eq!(config(&["--auth", "none"], &vars).tls, expected, "{value}");
         }
         let line = error(&["--tls", "maybe"], HOST);
         assert!(
             line.contains("invalid --tls 'maybe': expected true or false"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn entra_over_plaintext_needs_the_insecure_flag() {
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let plaintext: [Case; 3] = [
+            (&["--tls", "false"], HOST, "--tls false"),
+            (
+                &[],
+                &[("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_SSL", "False")],
+                "AZURE_REDIS_SSL=False",
+            ),
+            (
+                &["--connection-string", "redis://cache.example:6379"],
+                &[],
+                "a redis:// or ssl=False connection string in --connection-string",
+            ),
+        ];
+        let insecure = "--insecure-entra-over-plaintext";
+        for (args, vars, by) in plaintext {
+            let line = error(args, vars);
+            assert!(
+                line.contains(&format!("TLS to the upstream is off ({by})")),
+                "{line}"
+            );
+            assert!(
+                line.contains("in clear text") && line.contains(insecure),
+                "{line}"
+            );
+            let c = config(&[args, &[insecure]].concat(), vars);
+            assert!(!c.tls);
+            assert!(matches!(c.auth, AuthConfig::Entra(_)));
+            let warnings = c.warnings.join("\n");
+            assert!(
+                warnings.contains("Entra tokens travel in clear text"),
+                "{warnings}"
+            );
+            let mut with_var = vars.to_vec();
+            with_var.push(("REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT", "true"));
+            assert!(!config(args, &with_var).tls);
+            // The flag wins over the variable.
+            let off = format!("{insecure}=false");
+            error(&[args, &[off.as_str()]].concat(), &with_var);
+        }
+        // An access key or no AUTH over plaintext: a warning only.
+        let vars = [("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_PASSWORD", "k")];
+        let c = config(&["--tls", "false"], &vars);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("the access key travels in clear text"))
+        );
+        let c = config(&["--tls", "false", "--auth", "none"], HOST);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("TLS to the upstream is off"))
+        );
+        // With TLS, nothing to say.
+        assert!(config(&[insecure], HOST).warnings.is_empty());
+        let line = error(&["--insecure-entra-over-plaintext=maybe"], HOST);
+        assert!(
+            line.contains("invalid --insecure-entra-over-plaintext 'maybe'"),
             "{line}"
         );
     }

@@ -365,3 +365,29 @@ async fn help_exits_0() {
     assert_eq!(output.code(), Some(0));
     assert!(output.stdout.as_str().starts_with("redis-entra-proxy "));
 }
+
+#[tokio::test]
+async fn entra_over_plaintext_needs_a_flag_that_says_it_is_insecure() {
+    for subcommand in [None, Some("check")] {
+        let mut args: Vec<&str> = subcommand.into_iter().collect();
+        args.extend(["--upstream", "cache.example", "--tls", "false"]);
+        assert_config_error(
+            &args,
+            &[],
+            &[
+                "TLS to the upstream is off (--tls false)",
+                "Entra token would travel in clear text",
+                "--insecure-entra-over-plaintext",
+            ],
+        )
+        .await;
+        let mut args: Vec<&str> = subcommand.into_iter().collect();
+        args.extend(["--connection-string", "redis://cache.example:6379"]);
+        assert_config_error(
+            &args,
+            &[("REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT", "false")],
+            &["redis:// or ssl=False connection string in --connection-string"],
+        )
+        .await;
+    }
+}

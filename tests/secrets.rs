@@ -484,3 +484,66 @@ async fn the_upstream_ca_is_not_trusted_for_the_token_endpoint_nor_the_reverse()
         .unwrap_or_else(|| panic!("no failed step:\n{out}"));
     assert!(failed.contains("UnknownIssuer"), "{failed}");
 }
+
+/// A plaintext upstream with Entra sends the token in clear text, so it takes
+/// `--insecure-entra-over-plaintext`: without it the proxy refuses to start (exit 2) and sends
+/// nothing; with it, the token does reach a plaintext cache, and a warning says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_over_plaintext_only_with_the_insecure_flag() {
+    let mut setup = Setup::entra_app_service(Duration::from_secs(60)).await;
+    let cache = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cache_addr = cache.local_addr().unwrap().to_string();
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = received.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut tcp, _)) = cache.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    setup.args = without_flag(&setup.args, "--upstream");
+    setup.args.extend([
+        "--upstream".into(),
+        cache_addr,
+        "--tls".into(),
+        "false".into(),
+    ]);
+
+    let (args, env) = invocation(&setup, &[], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_to_end(&args, &env).await;
+    assert_eq!(out.code(), Some(2), "{}", out.all());
+    assert!(
+        out.stderr.contains("--insecure-entra-over-plaintext"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(setup.msi().requests(), 0, "a token was fetched");
+
+    let proxy = setup
+        .start_proxy_with(&["--insecure-entra-over-plaintext"], &[])
+        .await;
+    assert!(
+        proxy.output_contains("Entra tokens travel in clear text"),
+        "{}",
+        proxy.output()
+    );
+    let mut client = proxy.raw().await;
+    client.send(&["PING"]).await;
+    let token_in_clear = || {
+        let bytes = received.lock().unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        text.contains("AUTH") && setup.issuer.history().iter().any(|t| text.contains(t))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), token_in_clear).await,
+        "no token reached the plaintext cache\n{}",
+        proxy.output()
+    );
+}
