@@ -8,9 +8,11 @@
 //!
 //! How it is put together: clap only splits the command line into raw strings ([`ProxyArgs`]);
 //! every value, whether it came from a flag or a variable, then goes through the same small
-//! parsers here. That keeps one error style (`configuration error: invalid --auth 'x': expected
-//! auto, entra, access-key or none`) and lets tests inject the environment through a function
-//! instead of mutating the process environment. An empty value counts as unset, because
+//! parsers here. That keeps one error style (`configuration error: invalid --tls 'x': expected
+//! true or false`) and lets tests inject the environment through a function instead of
+//! mutating the process environment. An error quotes the value only for options that can't
+//! hold a secret (see `Echo`); the others, connection strings and stray command-line words
+//! are never printed. An empty value counts as unset, because
 //! templated manifests often render an unset option as `""`.
 
 use crate::injector::sidecar;
@@ -99,8 +101,12 @@ pub struct Config {
     pub tls: bool,
     /// SNI and certificate name; defaults to `upstream_host`.
     pub tls_server_name: String,
-    /// Extra trusted CA bundle (PEM) for the upstream.
+    /// Extra trusted CA bundle (PEM) for the upstream only.
     pub ca_file: Option<PathBuf>,
+    /// Extra trusted CA bundle (PEM) for the Entra token endpoint only: a separate trust store,
+    /// so that a CA trusted for the cache (a private one, or a TLS-inspecting proxy's) can't
+    /// vouch for the endpoint that receives the proxy's credentials and hands out its tokens.
+    pub token_ca_file: Option<PathBuf>,
     /// Database `SELECT`ed on each new upstream connection when not 0.
     pub database: u32,
     /// How upstream connections authenticate.
@@ -243,6 +249,9 @@ impl Config {
         if let Some(ca_file) = &self.ca_file {
             parts.push(format!("ca_file={}", ca_file.display()));
         }
+        if let Some(token_ca_file) = &self.token_ca_file {
+            parts.push(format!("token_ca_file={}", token_ca_file.display()));
+        }
         if self.database != 0 {
             parts.push(format!("database={}", self.database));
         }
@@ -382,29 +391,118 @@ pub fn parse_from(
 }
 
 /// Turns clap's `--help`/`--version` into [`Command::Help`], and a usage error into a
-/// one-line [`ConfigError`] (first line of clap's message plus its tip, if any).
+/// one-line [`ConfigError`].
 fn help_or_usage_error(err: clap::Error) -> Result<Command, ConfigError> {
     use clap::error::ErrorKind;
-    let text = err.render().to_string();
     if matches!(
         err.kind(),
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
     ) {
-        return Ok(Command::Help(text));
+        return Ok(Command::Help(err.render().to_string()));
     }
-    let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
-    let first = lines.next().unwrap_or("invalid command line");
-    let mut message = first.trim_start_matches("error: ").to_string();
-    for tip in lines.filter(|line| line.starts_with("tip:")) {
-        message.push_str(&format!(" ({tip})"));
-    }
-    if message.starts_with("the subcommand") {
-        message.push_str(
-            " (put the options after the subcommand: redis-entra-proxy check --upstream ...)",
-        );
-    }
+    let mut message = usage_error_message(&err);
     message.push_str("; run 'redis-entra-proxy --help' to see the options");
     Err(ConfigError(message))
+}
+
+/// What is wrong with the command line, in one line that never quotes what the user typed
+/// unless it is the name of an option or a subcommand.
+///
+/// clap's own messages quote the offending word, and on a command line that word is often a
+/// piece of a secret: the second half of an unquoted password with a space
+/// (`--listen-password my secret` leaves `secret` as a stray argument), or a password that
+/// starts with `-` (`--listen-password -x…` reads as the flag `-x`). So for the errors whose
+/// subject is user input (an unknown argument, an unknown subcommand, an argument where a
+/// subcommand was expected, a rejected value) the message is built here from clap's context;
+/// the other errors (an option given twice, a missing value, …) only quote option names and
+/// keep clap's wording.
+fn usage_error_message(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let string = |kind| match err.get(kind) {
+        Some(ContextValue::String(value)) => Some(value.as_str()),
+        _ => None,
+    };
+    let stray = "an unexpected argument (not shown, as it may be a piece of a secret): quote a \
+                 value that contains spaces, and write --option=VALUE for a value that starts \
+                 with '-'";
+    match err.kind() {
+        ErrorKind::UnknownArgument => match string(ContextKind::InvalidArg) {
+            Some(arg) if looks_like_an_option_name(arg) => {
+                let mut message = format!("unknown option '{arg}'");
+                if let Some(suggested) = string(ContextKind::SuggestedArg) {
+                    message.push_str(&format!(" (did you mean '{suggested}'?)"));
+                }
+                message
+            }
+            _ => stray.to_string(),
+        },
+        ErrorKind::InvalidSubcommand => {
+            let mut message = format!("{stray}; the subcommands are {}", subcommand_list());
+            if let Some(ContextValue::Strings(suggested)) =
+                err.get(ContextKind::SuggestedSubcommand)
+                && let Some(first) = suggested.first()
+            {
+                message.push_str(&format!(" (did you mean '{first}'?)"));
+            }
+            message
+        }
+        ErrorKind::ArgumentConflict => match string(ContextKind::InvalidSubcommand) {
+            Some(sub) if subcommand_names().iter().any(|name| name == sub) => format!(
+                "the subcommand '{sub}' comes after options: put the options after the \
+                 subcommand (redis-entra-proxy {sub} --upstream ...)"
+            ),
+            Some(_) => stray.to_string(),
+            None => clap_first_line(err),
+        },
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::TooManyValues
+            if string(ContextKind::InvalidValue).is_some_and(|value| !value.is_empty()) =>
+        {
+            let arg = string(ContextKind::InvalidArg).unwrap_or("an option");
+            format!("invalid value for {arg} (not shown, as it may hold a secret)")
+        }
+        _ => clap_first_line(err),
+    }
+}
+
+/// The first line of clap's message, for errors that quote option names only.
+fn clap_first_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .unwrap_or("invalid command line");
+    first.trim_start_matches("error: ").to_string()
+}
+
+/// `--` and lowercase words joined by `-`: how this program's options are spelt, so a
+/// misspelt option is worth quoting. A password is unlikely to look like that (it would need
+/// no capital, digit or symbol).
+fn looks_like_an_option_name(arg: &str) -> bool {
+    arg.strip_prefix("--").is_some_and(|name| {
+        (2..=40).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+    })
+}
+
+/// The names of the subcommands, as clap knows them.
+fn subcommand_names() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_string())
+        .collect()
+}
+
+/// `check, wait, shutdown and injector`.
+fn subcommand_list() -> String {
+    let names = subcommand_names();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,10 +625,21 @@ struct UpstreamArgs {
     /// TLS to the upstream; plaintext only when false [env: AZURE_REDIS_SSL] [default: true]
     #[arg(long, value_name = "BOOL")]
     tls: Option<String>,
+    /// Allow Entra authentication over a plaintext upstream (--tls false, redis://): the token
+    /// travels in clear text [env: REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT] [default: false]
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    insecure_entra_over_plaintext: Option<String>,
     /// SNI and certificate name [env: REDIS_PROXY_TLS_SERVER_NAME] [default: the upstream host]
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
-    /// Extra trusted CA (PEM) for the upstream [env: REDIS_PROXY_CA_FILE] [default: system roots]
+    /// Extra trusted CA (PEM) for the upstream only, on top of the system roots
+    /// [env: REDIS_PROXY_CA_FILE]
     #[arg(long, value_name = "PATH")]
     ca_file: Option<String>,
     /// SELECTed on each new upstream connection when not 0 [env: AZURE_REDIS_DATABASE] [default: 0]
@@ -560,6 +669,10 @@ struct AuthArgs {
     /// Entra token scope [env: REDIS_PROXY_SCOPE] [default: https://redis.azure.com/.default]
     #[arg(long, value_name = "S")]
     scope: Option<String>,
+    /// Extra trusted CA (PEM) for the Entra token endpoint only (AZURE_AUTHORITY_HOST), on top
+    /// of the system roots; --ca-file is not trusted there [env: REDIS_PROXY_TOKEN_CA_FILE]
+    #[arg(long, value_name = "PATH")]
+    token_ca_file: Option<String>,
     /// Fetch a new token once this fraction of its lifetime has passed
     /// [env: REDIS_PROXY_TOKEN_REFRESH_AT] [default: 0.75]
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
@@ -625,46 +738,65 @@ struct Opt {
     flag: &'static str,
     /// `VARIABLE`.
     var: &'static str,
+    /// Whether an error may quote the value.
+    echo: Echo,
+}
+
+/// Whether an error about an option may quote its value. Decided per option: only values that
+/// can never hold a secret are quoted; for the others the error names the option and the shape
+/// expected, which is enough to fix it (the user can look at what they set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Echo {
+    /// A number, a duration, a boolean, a path, an address or a name: quoted, which helps
+    /// when the value came from a template or an unexpected variable.
+    Shown,
+    /// May hold a secret, whole or in part: a host where users paste connection strings and
+    /// URLs with a password, a connection string, a password, or an option that a user could
+    /// mistake for where the secret goes (`--auth <key>`, `--credential <client secret>`).
+    Hidden,
 }
 
 /// Declares the [`Opt`] constants.
 macro_rules! options {
-    ($($name:ident = $flag:literal, $var:literal;)*) => {
+    ($($name:ident = $flag:literal, $var:literal, $echo:ident;)*) => {
         $(
             #[doc = concat!("`", $flag, "` / `", $var, "`.")]
-            const $name: Opt = Opt { flag: $flag, var: $var };
+            const $name: Opt = Opt { flag: $flag, var: $var, echo: Echo::$echo };
         )*
     };
 }
 
 options! {
-    UPSTREAM = "--upstream", "AZURE_REDIS_HOST";
-    CONNECTION_STRING = "--connection-string", "AZURE_REDIS_CONNECTIONSTRING";
-    TLS = "--tls", "AZURE_REDIS_SSL";
-    TLS_SERVER_NAME = "--tls-server-name", "REDIS_PROXY_TLS_SERVER_NAME";
-    CA_FILE = "--ca-file", "REDIS_PROXY_CA_FILE";
-    DATABASE = "--database", "AZURE_REDIS_DATABASE";
-    CONNECT_TIMEOUT = "--connect-timeout", "REDIS_PROXY_CONNECT_TIMEOUT";
-    AUTH = "--auth", "REDIS_PROXY_AUTH";
-    ACCESS_KEY_FILE = "--access-key-file", "REDIS_PROXY_ACCESS_KEY_FILE";
-    CREDENTIAL = "--credential", "REDIS_PROXY_CREDENTIAL";
-    SCOPE = "--scope", "REDIS_PROXY_SCOPE";
-    TOKEN_REFRESH_AT = "--token-refresh-at", "REDIS_PROXY_TOKEN_REFRESH_AT";
-    REAUTH_MARGIN = "--reauth-margin", "REDIS_PROXY_REAUTH_MARGIN";
-    REDIS_USERNAME = "--redis-username", "AZURE_REDIS_USERNAME";
-    LISTEN = "--listen", "REDIS_PROXY_LISTEN";
-    LISTEN_PASSWORD = "--listen-password", "REDIS_PROXY_LISTEN_PASSWORD";
-    MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS";
-    WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS";
-    ADMIN_LISTEN = "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN";
-    SHUTDOWN_DELAY = "--shutdown-delay", "REDIS_PROXY_SHUTDOWN_DELAY";
-    SHUTDOWN_GRACE = "--shutdown-grace", "REDIS_PROXY_SHUTDOWN_GRACE";
-    LOG_FORMAT = "--log-format", "REDIS_PROXY_LOG_FORMAT";
-    WAIT_MAX = "--max", "REDIS_PROXY_WAIT_MAX";
-    INJECTOR_LISTEN = "--listen", "REDIS_PROXY_INJECTOR_LISTEN";
-    INJECTOR_TLS_CERT_FILE = "--tls-cert-file", "REDIS_PROXY_INJECTOR_TLS_CERT_FILE";
-    INJECTOR_TLS_KEY_FILE = "--tls-key-file", "REDIS_PROXY_INJECTOR_TLS_KEY_FILE";
-    INJECTOR_DEFAULTS_FILE = "--defaults-file", "REDIS_PROXY_INJECTOR_DEFAULTS_FILE";
+    UPSTREAM = "--upstream", "AZURE_REDIS_HOST", Hidden;
+    CONNECTION_STRING = "--connection-string", "AZURE_REDIS_CONNECTIONSTRING", Hidden;
+    TLS = "--tls", "AZURE_REDIS_SSL", Shown;
+    INSECURE_ENTRA_OVER_PLAINTEXT =
+        "--insecure-entra-over-plaintext", "REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT", Shown;
+    TLS_SERVER_NAME = "--tls-server-name", "REDIS_PROXY_TLS_SERVER_NAME", Shown;
+    CA_FILE = "--ca-file", "REDIS_PROXY_CA_FILE", Shown;
+    DATABASE = "--database", "AZURE_REDIS_DATABASE", Shown;
+    CONNECT_TIMEOUT = "--connect-timeout", "REDIS_PROXY_CONNECT_TIMEOUT", Shown;
+    AUTH = "--auth", "REDIS_PROXY_AUTH", Hidden;
+    ACCESS_KEY_FILE = "--access-key-file", "REDIS_PROXY_ACCESS_KEY_FILE", Shown;
+    CREDENTIAL = "--credential", "REDIS_PROXY_CREDENTIAL", Hidden;
+    SCOPE = "--scope", "REDIS_PROXY_SCOPE", Shown;
+    TOKEN_CA_FILE = "--token-ca-file", "REDIS_PROXY_TOKEN_CA_FILE", Shown;
+    TOKEN_REFRESH_AT = "--token-refresh-at", "REDIS_PROXY_TOKEN_REFRESH_AT", Shown;
+    REAUTH_MARGIN = "--reauth-margin", "REDIS_PROXY_REAUTH_MARGIN", Shown;
+    REDIS_USERNAME = "--redis-username", "AZURE_REDIS_USERNAME", Shown;
+    LISTEN = "--listen", "REDIS_PROXY_LISTEN", Shown;
+    LISTEN_PASSWORD = "--listen-password", "REDIS_PROXY_LISTEN_PASSWORD", Hidden;
+    MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS", Shown;
+    WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS", Shown;
+    ADMIN_LISTEN = "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN", Shown;
+    SHUTDOWN_DELAY = "--shutdown-delay", "REDIS_PROXY_SHUTDOWN_DELAY", Shown;
+    SHUTDOWN_GRACE = "--shutdown-grace", "REDIS_PROXY_SHUTDOWN_GRACE", Shown;
+    LOG_FORMAT = "--log-format", "REDIS_PROXY_LOG_FORMAT", Shown;
+    WAIT_MAX = "--max", "REDIS_PROXY_WAIT_MAX", Shown;
+    INJECTOR_LISTEN = "--listen", "REDIS_PROXY_INJECTOR_LISTEN", Shown;
+    INJECTOR_TLS_CERT_FILE = "--tls-cert-file", "REDIS_PROXY_INJECTOR_TLS_CERT_FILE", Shown;
+    INJECTOR_TLS_KEY_FILE = "--tls-key-file", "REDIS_PROXY_INJECTOR_TLS_KEY_FILE", Shown;
+    INJECTOR_DEFAULTS_FILE = "--defaults-file", "REDIS_PROXY_INJECTOR_DEFAULTS_FILE", Shown;
 }
 
 /// The environment, behind a function so that tests can inject variables.
@@ -680,16 +812,20 @@ struct Given {
     value: String,
     /// `--flag` or `VARIABLE`.
     origin: &'static str,
+    /// Whether an error may quote the value.
+    echo: Echo,
 }
 
 impl Lookup<'_> {
-    /// The variable's value, when set and not empty.
+    /// The variable's value, when set and not empty. Errors won't quote it unless the caller
+    /// says it can't hold a secret ([`Given::shown`]): most such variables are credentials.
     fn var(&self, name: &'static str) -> Option<Given> {
         (self.env)(name)
             .filter(|value| !value.is_empty())
             .map(|value| Given {
                 value,
                 origin: name,
+                echo: Echo::Hidden,
             })
     }
 
@@ -704,8 +840,12 @@ impl Lookup<'_> {
             Some(value) if !value.is_empty() => Some(Given {
                 value: value.to_string(),
                 origin: opt.flag,
+                echo: opt.echo,
             }),
-            _ => self.var(opt.var),
+            _ => self.var(opt.var).map(|given| Given {
+                echo: opt.echo,
+                ..given
+            }),
         }
     }
 
@@ -729,33 +869,45 @@ impl Lookup<'_> {
 }
 
 impl Given {
+    /// The same value, marked as one that can't hold a secret (for a variable without a flag,
+    /// such as `AZURE_REDIS_PORT`), so that errors quote it.
+    fn shown(self) -> Given {
+        Given {
+            echo: Echo::Shown,
+            ..self
+        }
+    }
+
     /// Parses the (trimmed) value, or says which option holds what and what was expected.
-    /// Only for options that are not secrets: the error quotes the value.
     fn parse<T>(
         &self,
         parse: impl FnOnce(&str) -> Option<T>,
         expected: &str,
     ) -> Result<T, ConfigError> {
-        parse(self.value.trim()).ok_or_else(|| {
-            ConfigError(format!(
-                "invalid {} '{}': expected {expected}",
-                self.origin, self.value
-            ))
-        })
+        parse(self.value.trim())
+            .ok_or_else(|| ConfigError(format!("{}: expected {expected}", self.invalid())))
     }
 
-    /// Like [`Given::parse`], for parsers that can say why the value is wrong.
+    /// Like [`Given::parse`], for parsers that can say why the value is wrong. `why` must not
+    /// quote the value.
     fn parse_or_explain<T>(
         &self,
         parse: impl FnOnce(&str) -> Result<T, &'static str>,
         expected: &str,
     ) -> Result<T, ConfigError> {
-        parse(self.value.trim()).map_err(|why| {
-            ConfigError(format!(
-                "invalid {} '{}': {why}; expected {expected}",
-                self.origin, self.value
-            ))
-        })
+        parse(self.value.trim())
+            .map_err(|why| ConfigError(format!("{}: {why}; expected {expected}", self.invalid())))
+    }
+
+    /// `invalid --flag 'value'`, or without the value when it may hold a secret.
+    fn invalid(&self) -> String {
+        match self.echo {
+            Echo::Shown => format!("invalid {} '{}'", self.origin, self.value),
+            Echo::Hidden => format!(
+                "invalid {} (its value is not shown, as it may hold a secret)",
+                self.origin
+            ),
+        }
     }
 
     /// The value as a path.
@@ -869,19 +1021,49 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         ops,
     } = args;
     let mut warnings = Vec::new();
-    let cs = match lookup.get(&up.connection_string, CONNECTION_STRING) {
-        Some(given) => connection_string(&given, &mut warnings)?,
+    let cs_given = lookup.get(&up.connection_string, CONNECTION_STRING);
+    let cs = match &cs_given {
+        Some(given) => connection_string(given, &mut warnings)?,
         None => ConnectionString::default(),
     };
     let (upstream_host, upstream_port) = upstream(&up.upstream, lookup, &cs)?;
-    let tls = lookup
-        .parse(&up.tls, TLS, parse_bool, "true or false")?
+    let tls_given = lookup.get(&up.tls, TLS);
+    let tls = tls_given
+        .as_ref()
+        .map(|given| given.parse(parse_bool, "true or false"))
+        .transpose()?
         .or(cs.tls)
         .unwrap_or(true);
+    let tls_server_name = tls_server_name(&up.tls_server_name, lookup, &cs, &upstream_host)?;
     let redis_username = lookup
         .get(&au.redis_username, REDIS_USERNAME)
         .map(|given| given.value)
         .or_else(|| cs.user.clone());
+    let auth = auth(&au, lookup, cs.password, redis_username.clone())?;
+    let insecure = lookup
+        .parse(
+            &up.insecure_entra_over_plaintext,
+            INSECURE_ENTRA_OVER_PLAINTEXT,
+            parse_bool,
+            "true or false",
+        )?
+        .unwrap_or(false);
+    if !tls {
+        let turned_off_by = match (&tls_given, &cs_given) {
+            (Some(given), _) if given.origin.starts_with("--") => {
+                format!("{} {}", given.origin, given.value)
+            }
+            (Some(given), _) => format!("{}={}", given.origin, given.value),
+            (None, Some(given)) => {
+                format!(
+                    "a redis:// or ssl=False connection string in {}",
+                    given.origin
+                )
+            }
+            (None, None) => "--tls false".to_string(),
+        };
+        warnings.push(plaintext_warning(&turned_off_by, &auth, insecure)?);
+    }
     let listen = listen(&clients.listen, lookup)?;
     let listen_password = lookup
         .get(&clients.listen_password, LISTEN_PASSWORD)
@@ -894,11 +1076,12 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
     }
     let count = "a number of connections such as 0 or 4";
     Ok(Config {
-        tls_server_name: tls_server_name(&up.tls_server_name, lookup, &cs, &upstream_host)?,
+        tls_server_name,
         upstream_host,
         upstream_port,
         tls,
-        ca_file: ca_file(&up.ca_file, lookup)?,
+        ca_file: ca_file(&up.ca_file, CA_FILE, lookup)?,
+        token_ca_file: ca_file(&au.token_ca_file, TOKEN_CA_FILE, lookup)?,
         database: lookup
             .parse(
                 &up.database,
@@ -908,7 +1091,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             )?
             .or(cs.database)
             .unwrap_or(0),
-        auth: auth(&au, lookup, cs.password, redis_username.clone())?,
+        auth,
         scope: lookup
             .get(&au.scope, SCOPE)
             .map_or_else(|| DEFAULT_SCOPE.to_string(), |given| given.value),
@@ -990,13 +1173,43 @@ fn upstream(
     };
     let env_port = lookup
         .var("AZURE_REDIS_PORT")
-        .map(|given| given.parse(parse_port, "a port number 1-65535, e.g. 6380"))
+        .map(|given| {
+            given
+                .shown()
+                .parse(parse_port, "a port number 1-65535, e.g. 6380")
+        })
         .transpose()?;
     let port = own_port
         .or(env_port)
         .or(fallback_port)
         .unwrap_or(DEFAULT_PORT);
     Ok((host, port))
+}
+
+/// The warning for a plaintext upstream (TLS turned off by `turned_off_by`), or the error when
+/// that would send Entra tokens in clear text without `--insecure-entra-over-plaintext`: anyone
+/// on the path could read a token and use it until it expires, so the spec wants the user to
+/// say so with a flag whose name says it is insecure. An access key over plaintext is only
+/// warned about, as `--tls false` is already explicit.
+fn plaintext_warning(
+    turned_off_by: &str,
+    auth: &AuthConfig,
+    insecure_entra: bool,
+) -> Result<String, ConfigError> {
+    let off = format!("TLS to the upstream is off ({turned_off_by})");
+    match auth {
+        AuthConfig::Entra(_) if !insecure_entra => Err(ConfigError(format!(
+            "{off}, so the Entra token would travel in clear text: turn TLS on, or accept that \
+             risk with --insecure-entra-over-plaintext (REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT\
+             =true)"
+        ))),
+        AuthConfig::Entra(_) => Ok(format!(
+            "{off} and --insecure-entra-over-plaintext is set: Entra tokens travel in clear text, \
+             and whoever reads one can use it until it expires"
+        )),
+        AuthConfig::AccessKey { .. } => Ok(format!("{off}: the access key travels in clear text")),
+        AuthConfig::None => Ok(format!("{off}: commands and replies travel in clear text")),
+    }
 }
 
 /// The error when nothing names the cache.
@@ -1008,8 +1221,16 @@ fn no_upstream() -> ConfigError {
     )
 }
 
-/// An upstream `HOST[:PORT]`: port 0 can't be dialled.
+/// An upstream `HOST[:PORT]`: port 0 can't be dialled. A value with `,` or `=` is a
+/// connection string given to the wrong option (Service Connector's `AZURE_REDIS_HOST` never has
+/// one), so the reason says where it belongs.
 fn parse_upstream(value: &str) -> Result<(String, Option<u16>), &'static str> {
+    if value.contains([',', '=']) {
+        return Err(
+            "that looks like a connection string (give it with --connection-string or \
+                    AZURE_REDIS_CONNECTIONSTRING)",
+        );
+    }
     match parse_host_port(value)? {
         (_, Some(0)) => Err("port 0 can't be dialled"),
         endpoint => Ok(endpoint),
@@ -1039,9 +1260,14 @@ fn tls_server_name(
     }
 }
 
-/// The extra CA file, read once now so that a wrong path fails at startup, not at first use.
-fn ca_file(flag: &Option<String>, lookup: &Lookup) -> Result<Option<PathBuf>, ConfigError> {
-    let Some(given) = lookup.get(flag, CA_FILE) else {
+/// An extra CA file (`--ca-file` or `--token-ca-file`), read once now so that a wrong path
+/// fails at startup, not at first use.
+fn ca_file(
+    flag: &Option<String>,
+    opt: Opt,
+    lookup: &Lookup,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(given) = lookup.get(flag, opt) else {
         return Ok(None);
     };
     let path = given.path();
@@ -1181,8 +1407,17 @@ fn injector_defaults(given: &Given) -> Result<sidecar::Options, ConfigError> {
             given.origin, given.value
         ))
     })?;
-    sidecar::Options::from_defaults_json(&text)
-        .map_err(|why| ConfigError(format!("invalid {} {}: {why}", given.origin, given.value)))
+    // The reason quotes the offending field's value (the injector's messages do, for pod
+    // annotations). Someone may have put a connection string with an access key in the
+    // chart's `upstream`: scrubbed, so that a key-shaped word doesn't reach the log.
+    sidecar::Options::from_defaults_json(&text).map_err(|why| {
+        ConfigError(format!(
+            "invalid {} {}: {}",
+            given.origin,
+            given.value,
+            crate::credential::scrub::scrub(&why)
+        ))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1283,8 +1518,13 @@ fn parse_url_form(value: &str, warnings: &mut Vec<String>) -> Result<ConnectionS
                 .map_err(|_| "the path after the host must be a database number, e.g. /0")?,
         ),
     };
-    for (key, _) in url.query_pairs() {
-        warnings.push(ignored_key_warning(&key));
+    if url.query().is_some() {
+        // Neither names nor values: an unencoded '?' in the password starts the query.
+        warnings.push(
+            "ignoring the query part (after '?') of the connection-string URL: the proxy reads \
+             no parameters there"
+                .to_string(),
+        );
     }
     Ok(ConnectionString {
         host: Some(host),
@@ -1307,48 +1547,48 @@ fn percent_decode(value: &str, what: &str) -> Result<Option<String>, String> {
 
 /// StackExchange.Redis: `host:port,password=…,ssl=True,defaultDatabase=0,user=…`; keys in any
 /// case, unknown keys ignored with a warning.
+///
+/// The `host:port` must come first, as Azure writes it. A password that contains `,` is split
+/// into items here, and the piece after a comma would otherwise become the host (printed in
+/// every log line and error about the upstream) or an unknown key: so an item without `=`
+/// after the first is an error, and unknown keys are counted by position, never named.
 fn parse_stackexchange_form(
     value: &str,
     warnings: &mut Vec<String>,
 ) -> Result<ConnectionString, String> {
     let mut cs = ConnectionString::default();
-    for part in value
+    let mut items = value
         .split(',')
         .map(str::trim)
-        .filter(|part| !part.is_empty())
-    {
-        match part.split_once('=') {
-            None => set_endpoint(&mut cs, part)?,
-            Some((key, value)) => set_key(&mut cs, key.trim(), value.trim(), warnings)?,
-        }
-    }
-    if cs.host.is_none() {
-        return Err("no host:port before the first comma".to_string());
+        .filter(|item| !item.is_empty());
+    let endpoint = items
+        .next()
+        .filter(|item| !item.contains('='))
+        .ok_or("no host:port before the first comma")?;
+    let (host, port) = parse_upstream(endpoint).map_err(|why| format!("bad host:port ({why})"))?;
+    cs.host = Some(host);
+    cs.port = port;
+    for (index, item) in items.enumerate() {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!(
+                "item {} has no '=' (only the first item is a host:port, the proxy connects \
+                 to one cache; a password can't contain ',' in this form: use the URL form with \
+                 the password percent-encoded)",
+                index + 2
+            ));
+        };
+        set_key(&mut cs, key.trim(), value.trim(), warnings, index + 2)?;
     }
     Ok(cs)
 }
 
-/// The `host:port` part of the StackExchange.Redis form; only one is allowed.
-fn set_endpoint(cs: &mut ConnectionString, part: &str) -> Result<(), String> {
-    if cs.host.is_some() {
-        return Err(
-            "more than one host:port (the proxy connects to one cache; a password \
-                    can't contain ',' in this form)"
-                .to_string(),
-        );
-    }
-    let (host, port) = parse_upstream(part).map_err(|why| format!("bad host:port ({why})"))?;
-    cs.host = Some(host);
-    cs.port = port;
-    Ok(())
-}
-
-/// One `key=value` of the StackExchange.Redis form.
+/// One `key=value` of the StackExchange.Redis form, item number `position` (from 1).
 fn set_key(
     cs: &mut ConnectionString,
     key: &str,
     value: &str,
     warnings: &mut Vec<String>,
+    position: usize,
 ) -> Result<(), String> {
     let non_empty = || (!value.is_empty()).then(|| value.to_string());
     match key.to_ascii_lowercase().as_str() {
@@ -1362,26 +1602,23 @@ fn set_key(
                     .map_err(|_| "defaultDatabase must be a number such as 0")?,
             )
         }
-        "sslhost" => cs.tls_server_name = non_empty(),
+        "sslhost" => {
+            cs.tls_server_name = non_empty();
+            if let Some(name) = &cs.tls_server_name {
+                // Checked now, so that no later error quotes it.
+                rustls_pki_types::ServerName::try_from(name.as_str())
+                    .map_err(|_| "sslHost must be a DNS name or IP address")?;
+            }
+        }
         known if CLIENT_SIDE_KEYS.contains(&known) => {}
-        _ => warnings.push(ignored_key_warning(key)),
+        // Not named: after a password with ',' in it, the "key" is a piece of the password.
+        _ => warnings.push(format!(
+            "ignoring item {position} of the connection string: not a key the proxy reads \
+             (password, user, ssl, defaultDatabase, sslHost) nor a client-side option; the key \
+             is not shown, since a password with ',' in it would be split into such items"
+        )),
     }
     Ok(())
-}
-
-/// The warning for an unknown connection-string key. It names the key only when the key looks
-/// like one (a fragment of a password that contains ',' would not be printed), never a value.
-fn ignored_key_warning(key: &str) -> String {
-    let looks_like_a_key = !key.is_empty()
-        && key.len() <= 40
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-    if looks_like_a_key {
-        format!("ignoring unknown connection-string key '{key}'")
-    } else {
-        "ignoring an unknown connection-string key".to_string()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1447,9 +1684,11 @@ fn auth(
     cs_password: Option<Secret>,
     username: Option<String>,
 ) -> Result<AuthConfig, ConfigError> {
-    let modes = "auto, entra, access-key or none";
+    let modes = "auto, entra, access-key or none (the access key itself goes in \
+                 AZURE_REDIS_PASSWORD or a file named by --access-key-file)";
     let mode = lookup.parse(&args.auth, AUTH, parse_auth_mode, modes)?;
-    let kinds = "auto, workload-identity, managed-identity, client-secret or azure-cli";
+    let kinds = "auto, workload-identity, managed-identity, client-secret or azure-cli (a \
+                 client secret itself goes in AZURE_REDIS_CLIENTSECRET)";
     let kind = lookup.parse(&args.credential, CREDENTIAL, parse_credential_kind, kinds)?;
     let kind = kind.unwrap_or(CredentialKind::Auto);
     let key_file = lookup.get(&args.access_key_file, ACCESS_KEY_FILE);
@@ -1659,6 +1898,7 @@ mod tests {
         assert!(c.tls);
         assert_eq!(c.tls_server_name, "cache.example");
         assert_eq!(c.ca_file, None);
+        assert_eq!(c.token_ca_file, None);
         assert_eq!(c.database, 0);
         assert!(matches!(
             c.auth,
@@ -1701,7 +1941,17 @@ mod tests {
 
     #[test]
     fn upstream_accepts_ipv6_literals() {
-        let c = config(&["--upstream", "[::1]:6380", "--tls", "false"], &[]);
+        let c = config(
+            &[
+                "--upstream",
+                "[::1]:6380",
+                "--tls",
+                "false",
+                "--auth",
+                "none",
+            ],
+            &[],
+        );
         assert_eq!(c.upstream_host, "::1");
         assert_eq!(c.upstream_port, 6380);
         assert_eq!(c.upstream_address(), "[::1]:6380");
@@ -1721,6 +1971,17 @@ mod tests {
         assert!(line.contains("invalid --upstream"), "{line}");
         let line = error(&["--upstream", "rediss://cache.example"], &[]);
         assert!(line.contains("--connection-string"), "{line}");
+        // A URL or a connection string pasted where the host goes: never quoted.
+        let line = error(&["--upstream", "rediss://:pw-secret@cache.example"], &[]);
+        assert!(line.contains("that is a URL"), "{line}");
+        assert!(!line.contains("pw-secret"), "{line}");
+        let line = error(&[], &[("AZURE_REDIS_HOST", "h:6380,password=pw-secret")]);
+        assert!(
+            line.contains("invalid AZURE_REDIS_HOST (its value"),
+            "{line}"
+        );
+        assert!(line.contains("looks like a connection string"), "{line}");
+        assert!(!line.contains("pw-secret"), "{line}");
         let line = error(&["--upstream", "cache.example:0"], &[]);
         assert!(line.contains("port 0"), "{line}");
         let line = error(&[], &[("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_PORT", "x")]);
@@ -1769,7 +2030,15 @@ mod tests {
 
     #[test]
     fn url_form_redis_scheme_means_plaintext_unless_tls_is_given() {
-        let c = config(&["--connection-string", "redis://localhost:6379"], &[]);
+        let c = config(
+            &[
+                "--connection-string",
+                "redis://localhost:6379",
+                "--auth",
+                "none",
+            ],
+            &[],
+        );
         assert!(!c.tls);
         let c = config(
             &[
@@ -1787,15 +2056,13 @@ mod tests {
     }
 
     #[test]
-    fn url_form_query_keys_are_warned_about_without_values() {
-        let cs = "rediss://cache.example:6380?timeout=topsecretvalue";
+    fn url_form_query_is_warned_about_without_names_or_values() {
+        // An unencoded '?' in a password puts the rest of it in the query (a '#' ends it).
+        let cs = "rediss://:pass@cache.example:6380?wordsecretpart#@x";
         let c = config(&["--connection-string", cs], &[]);
-        assert!(
-            c.warnings.iter().any(|w| w.contains("'timeout'")),
-            "{:?}",
-            c.warnings
-        );
-        assert!(!c.warnings.iter().any(|w| w.contains("topsecretvalue")));
+        let warnings = c.warnings.join("\n");
+        assert!(warnings.contains("query part"), "{warnings}");
+        assert!(!warnings.contains("wordsecretpart"), "{warnings}");
     }
 
     #[test]
@@ -1827,18 +2094,45 @@ mod tests {
     }
 
     #[test]
-    fn stackexchange_form_defaults_to_tls_and_warns_about_unknown_keys() {
-        let cs = "cache.example:6380,password=k,frobnicate=hushhush,a b=c";
+    fn stackexchange_form_defaults_to_tls_and_warns_about_unknown_keys_by_position() {
+        // "ab,cdsecret=" is one password, split at its ',': "cdsecret" is no key to print.
+        let cs = "cache.example:6380,password=ab,cdsecret=,frobnicate=hushhush";
         let c = config(&["--connection-string", cs], &[]);
         assert!(c.tls);
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("item 3"), "{:?}", c.warnings);
+        assert!(c.warnings[1].contains("item 4"), "{:?}", c.warnings);
         let warnings = c.warnings.join("\n");
-        assert!(warnings.contains("'frobnicate'"), "{warnings}");
-        assert!(
-            warnings.contains("an unknown connection-string key"),
-            "{warnings}"
+        for hidden in ["cdsecret", "frobnicate", "hushhush"] {
+            assert!(!warnings.contains(hidden), "{warnings}");
+        }
+    }
+
+    #[test]
+    fn stackexchange_form_takes_the_host_first_only() {
+        // The piece of a password after a ',' must not become the host (which every upstream
+        // log line and error prints), wherever the password is.
+        for cs in [
+            "password=ab,cdsecret",
+            "password=ab,cdsecret,cache.example:6380",
+            "cache.example:6380,password=ab,cdsecret",
+        ] {
+            let line = error(&["--connection-string", cs], &[]);
+            assert!(!line.contains("cdsecret"), "{line}");
+            assert!(
+                line.contains("no host:port before the first comma")
+                    || line.contains("a password can't contain ','"),
+                "{line}"
+            );
+        }
+        let line = error(
+            &[
+                "--connection-string",
+                "cache.example,password=k,sslHost=a b",
+            ],
+            &[],
         );
-        assert!(!warnings.contains("hushhush"), "{warnings}");
-        assert!(!warnings.contains("a b"), "{warnings}");
+        assert!(line.contains("sslHost must be a DNS name"), "{line}");
     }
 
     #[test]
@@ -2066,18 +2360,26 @@ mod tests {
         let line = error(&["--auth", "access-key"], HOST);
         assert!(line.contains("AZURE_REDIS_PASSWORD"), "{line}");
         assert!(line.contains("--access-key-file"), "{line}");
-        let line = error(&["--auth", "password"], HOST);
-        assert!(line.contains("invalid --auth 'password'"), "{line}");
-        assert!(line.contains("auto, entra, access-key or none"), "{line}");
-        let line = error(
-            &[],
-            &[("AZURE_REDIS_HOST", "h"), ("REDIS_PROXY_CREDENTIAL", "x")],
-        );
+        // Someone may take --auth for where the key goes: the value is not quoted.
+        let line = error(&["--auth", "k3y-value"], HOST);
         assert!(
-            line.contains("invalid REDIS_PROXY_CREDENTIAL 'x'"),
+            line.contains("invalid --auth (its value is not shown"),
             "{line}"
         );
+        assert!(line.contains("auto, entra, access-key or none"), "{line}");
+        assert!(line.contains("AZURE_REDIS_PASSWORD"), "{line}");
+        assert!(!line.contains("k3y-value"), "{line}");
+        let line = error(
+            &[],
+            &[
+                ("AZURE_REDIS_HOST", "h"),
+                ("REDIS_PROXY_CREDENTIAL", "s3cret-value"),
+            ],
+        );
+        assert!(line.contains("invalid REDIS_PROXY_CREDENTIAL ("), "{line}");
         assert!(line.contains("workload-identity"), "{line}");
+        assert!(line.contains("AZURE_REDIS_CLIENTSECRET"), "{line}");
+        assert!(!line.contains("s3cret-value"), "{line}");
         let line = error(&["--credential", "client-secret"], HOST);
         assert!(line.contains("AZURE_REDIS_CLIENTSECRET"), "{line}");
         let vars = [
@@ -2196,11 +2498,76 @@ mod tests {
             ("No", false),
         ] {
             let vars = [("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_SSL", value)];
-            assert_eq!(config(&[], &vars).tls, expected, "{value}");
+            assert_eq!(config(&["--auth", "none"], &vars).tls, expected, "{value}");
         }
         let line = error(&["--tls", "maybe"], HOST);
         assert!(
             line.contains("invalid --tls 'maybe': expected true or false"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn entra_over_plaintext_needs_the_insecure_flag() {
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let plaintext: [Case; 3] = [
+            (&["--tls", "false"], HOST, "--tls false"),
+            (
+                &[],
+                &[("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_SSL", "False")],
+                "AZURE_REDIS_SSL=False",
+            ),
+            (
+                &["--connection-string", "redis://cache.example:6379"],
+                &[],
+                "a redis:// or ssl=False connection string in --connection-string",
+            ),
+        ];
+        let insecure = "--insecure-entra-over-plaintext";
+        for (args, vars, by) in plaintext {
+            let line = error(args, vars);
+            assert!(
+                line.contains(&format!("TLS to the upstream is off ({by})")),
+                "{line}"
+            );
+            assert!(
+                line.contains("in clear text") && line.contains(insecure),
+                "{line}"
+            );
+            let c = config(&[args, &[insecure]].concat(), vars);
+            assert!(!c.tls);
+            assert!(matches!(c.auth, AuthConfig::Entra(_)));
+            let warnings = c.warnings.join("\n");
+            assert!(
+                warnings.contains("Entra tokens travel in clear text"),
+                "{warnings}"
+            );
+            let mut with_var = vars.to_vec();
+            with_var.push(("REDIS_PROXY_INSECURE_ENTRA_OVER_PLAINTEXT", "true"));
+            assert!(!config(args, &with_var).tls);
+            // The flag wins over the variable.
+            let off = format!("{insecure}=false");
+            error(&[args, &[off.as_str()]].concat(), &with_var);
+        }
+        // An access key or no AUTH over plaintext: a warning only.
+        let vars = [("AZURE_REDIS_HOST", "h"), ("AZURE_REDIS_PASSWORD", "k")];
+        let c = config(&["--tls", "false"], &vars);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("the access key travels in clear text"))
+        );
+        let c = config(&["--tls", "false", "--auth", "none"], HOST);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("TLS to the upstream is off"))
+        );
+        // With TLS, nothing to say.
+        assert!(config(&[insecure], HOST).warnings.is_empty());
+        let line = error(&["--insecure-entra-over-plaintext=maybe"], HOST);
+        assert!(
+            line.contains("invalid --insecure-entra-over-plaintext 'maybe'"),
             "{line}"
         );
     }
@@ -2293,6 +2660,25 @@ mod tests {
             line.contains("cannot read REDIS_PROXY_CA_FILE /nope"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn token_ca_file_is_its_own_option() {
+        let ca = file_with("-----BEGIN CERTIFICATE-----\n");
+        let path = ca.path().to_str().unwrap();
+        let c = config(&["--token-ca-file", path], HOST);
+        assert_eq!(c.token_ca_file.as_deref(), Some(ca.path()));
+        assert_eq!(c.ca_file, None);
+        assert!(c.describe().contains(&format!("token_ca_file={path}")));
+        let vars = [
+            ("AZURE_REDIS_HOST", "h"),
+            ("REDIS_PROXY_TOKEN_CA_FILE", path),
+        ];
+        let c = config(&["--ca-file", path], &vars);
+        assert_eq!(c.token_ca_file.as_deref(), Some(ca.path()));
+        assert_eq!(c.ca_file.as_deref(), Some(ca.path()));
+        let line = error(&["--token-ca-file", "/nope"], HOST);
+        assert!(line.contains("cannot read --token-ca-file /nope"), "{line}");
     }
 
     // --- subcommands, help, describe --------------------------------------------------------
@@ -2394,6 +2780,21 @@ mod tests {
     }
 
     #[test]
+    fn injector_defaults_errors_hide_an_access_key() {
+        let key = "q8Zx0m3yA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r=";
+        let bad = file_with(&format!(
+            r#"{{"upstream": "cache.example,password={key}"}}"#
+        ));
+        let bad_path = bad.path().display().to_string();
+        let line = error(
+            &["injector", "--tls-cert-file", "c", "--tls-key-file", "k"],
+            &[("REDIS_PROXY_INJECTOR_DEFAULTS_FILE", &bad_path)],
+        );
+        assert!(line.contains("field \"upstream\""), "{line}");
+        assert!(!line.contains(&key[..20]), "{line}");
+    }
+
+    #[test]
     fn help_and_version_are_text_to_print_and_usage_errors_are_one_line() {
         match parse(&["--help"], &[]) {
             Ok(Command::Help(text)) => {
@@ -2405,9 +2806,53 @@ mod tests {
         assert!(matches!(parse(&["--version"], &[]), Ok(Command::Help(v)) if v.contains("0.")));
         let line = error(&["--upstrem", "h"], &[]);
         assert!(
-            line.contains("'--upstrem'") && line.contains("--help"),
+            line.contains("'--upstrem'")
+                && line.contains("'--upstream'?")
+                && line.contains("--help"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn usage_errors_never_quote_what_may_be_a_piece_of_a_secret() {
+        let stray = "an unexpected argument (not shown";
+        for args in [
+            // An unquoted password with a space: the second word is a stray argument.
+            &["--upstream", "h", "--listen-password", "my", "Pw-secret"][..],
+            &[
+                "check",
+                "--upstream",
+                "h",
+                "--listen-password",
+                "my",
+                "Pw-secret",
+            ],
+            &["Pw-secret"],
+            // A password that starts with '-' reads as an option.
+            &["--upstream", "h", "--listen-password", "-Pw-secret"],
+            &["--upstream", "h", "--listen-password", "--Pw-secret"],
+            &["--connection-string=h,password=Pw-secret", "--upstrem", "x"],
+        ] {
+            let line = error(args, &[]);
+            assert!(
+                !line.contains("Pw-secret") && !line.contains("'-P"),
+                "{line}"
+            );
+            assert!(
+                line.contains(stray) || line.contains("unknown option '--upstrem'"),
+                "{args:?}: {line}"
+            );
+        }
+        let line = error(&["chek"], &[]);
+        assert!(line.contains("did you mean 'check'?"), "{line}");
+        assert!(!line.contains("chek"), "{line}");
+        let line = error(&["--upstream", "h", "--upstream", "Pw-secret"], &[]);
+        assert!(line.contains("cannot be used multiple times"), "{line}");
+        assert!(!line.contains("Pw-secret"), "{line}");
+        assert!(looks_like_an_option_name("--listen-pasword"));
+        for not_an_option in ["--Secret", "--s3cret", "-x", "--", "--a", "word"] {
+            assert!(!looks_like_an_option_name(not_an_option), "{not_an_option}");
+        }
     }
 
     #[test]

@@ -66,11 +66,6 @@ enum Listener {
 /// Runs the proxy until shutdown.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     tracing::info!(config = %config.describe(), "starting redis-entra-proxy");
-    if !config.tls {
-        tracing::warn!(
-            "TLS to the upstream is disabled (--tls false): credentials travel in clear text"
-        );
-    }
     let stop_background = CancellationToken::new();
     let credentials = CredentialManager::start(&config, stop_background.clone())?;
     let authenticate = credentials.mode() != AuthKind::None;

@@ -73,3 +73,43 @@ async fn check_fails_clearly_when_no_token_can_be_had() {
         out.all()
     );
 }
+
+/// `--tls false` with Entra is refused (exit 2, see config_errors.rs) unless
+/// `--insecure-entra-over-plaintext` says so; then `check` goes on, with a warning. (The test
+/// front only speaks TLS, so the upstream step fails here.)
+#[tokio::test]
+async fn check_runs_entra_over_plaintext_only_with_the_insecure_flag() {
+    let setup = Setup::entra_app_service(Duration::from_secs(60)).await;
+    let out = check(&setup, &["--tls", "false"], &[]).await;
+    assert_eq!(out.code(), Some(2), "{}", out.all());
+    assert!(
+        out.stderr.contains("--insecure-entra-over-plaintext"),
+        "{}",
+        out.all()
+    );
+    let out = check(
+        &setup,
+        &["--tls", "false", "--insecure-entra-over-plaintext"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.code(), Some(1), "{}", out.all());
+    for step in [
+        "configuration: ok (upstream=",
+        "tls=false",
+        "credential: Entra token for Redis user",
+        "result: FAILED",
+    ] {
+        assert!(
+            out.stdout.contains(step),
+            "missing {step:?} in:\n{}",
+            out.all()
+        );
+    }
+    assert!(
+        out.stderr
+            .contains("--insecure-entra-over-plaintext is set: Entra tokens travel in clear text"),
+        "{}",
+        out.all()
+    );
+}

@@ -6,6 +6,10 @@
 //! and then searches everything the proxy printed (stdout and stderr) for every token ever
 //! issued, the access key, the client secret, the federated assertion, the identity header and
 //! the passwords. The same goes for `redis-entra-proxy check`.
+//!
+//! Tokens and credentials also go nowhere but to their endpoints: identity requests never go
+//! through an HTTP proxy from the environment, and the upstream's CA is not trusted for the
+//! token endpoint (nor the reverse).
 
 mod support;
 
@@ -14,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use support::resp::encode_command;
 use support::{
-    EndpointMode, ProxyProcess, RespClient, Setup, Value, random_hex, run_to_end, wait_until,
+    EndpointMode, ProxyProcess, RecordingHttpProxy, RespClient, Setup, Value, random_hex,
+    run_to_end, wait_until,
 };
 
 const LIFETIME: Duration = Duration::from_secs(3);
@@ -387,4 +392,162 @@ async fn no_secret_in_the_output_with_an_access_key() {
         assert_eq!(out.code(), Some(expected), "{}", out.all());
         secrets.assert_absent(&out.all(), "check with a connection string");
     }
+}
+
+/// Every variable an HTTP client may take a proxy from, pointing at `proxy`.
+fn proxy_variables(proxy: &RecordingHttpProxy) -> Vec<(&'static str, String)> {
+    [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|name| (name, proxy.url()))
+    .collect()
+}
+
+/// Corporate clusters set `HTTP_PROXY`/`HTTPS_PROXY` in every pod. The identity endpoints must
+/// never be reached through such a proxy: the managed identity endpoint is plain HTTP, and
+/// every answer holds a token. With the variables pointing at a recording fake proxy, tokens
+/// are still obtained (managed identity over HTTP, workload identity over HTTPS; `check` and
+/// a running proxy) and the fake proxy sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_requests_never_go_through_an_http_proxy() {
+    let http_proxy = RecordingHttpProxy::start().await;
+    let variables = proxy_variables(&http_proxy);
+    let env: Vec<(&str, &str)> = variables.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for setup in [
+        Setup::entra_app_service(Duration::from_secs(60)).await,
+        Setup::entra_workload_identity(Duration::from_secs(60)).await,
+    ] {
+        let (code, out) = check_output(&setup, &env).await;
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            http_proxy.requests().is_empty(),
+            "through the HTTP proxy: {:?}\n{out}",
+            http_proxy.requests()
+        );
+        assert!(out.contains("credential: Entra token"), "{out}");
+    }
+    let setup = Setup::entra_app_service(Duration::from_secs(60)).await;
+    let proxy = setup.start_proxy_with(&[], &env).await;
+    let mut c = proxy.raw().await;
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    assert!(setup.msi().tokens_served() >= 1);
+    assert!(
+        http_proxy.requests().is_empty(),
+        "through the HTTP proxy: {:?}\n{}",
+        http_proxy.requests(),
+        proxy.output()
+    );
+}
+
+/// `args` without the flag `flag` and its value.
+fn without_flag(args: &[String], flag: &str) -> Vec<String> {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{flag} not in {args:?}"));
+    [&args[..at], &args[at + 2..]].concat()
+}
+
+/// Two trust stores: `--ca-file` (the upstream's) is not trusted for the Entra token endpoint,
+/// so a CA meant for the cache (a private one, a TLS-inspecting proxy's) can't vouch for the
+/// endpoint that receives the proxy's credentials and hands out its tokens; and
+/// `--token-ca-file` is not trusted for the upstream. Here one test CA signs both servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_ca_is_not_trusted_for_the_token_endpoint_nor_the_reverse() {
+    let mut setup = Setup::entra_workload_identity(Duration::from_secs(60)).await;
+    let both = setup.args.clone();
+    let (code, out) = check_output(&setup, &[]).await;
+    assert_eq!(code, Some(0), "{out}");
+
+    // Only --ca-file: the token endpoint's certificate is not trusted.
+    setup.args = without_flag(&both, "--token-ca-file");
+    let requests = setup.entra().requests();
+    let (code, out) = check_output(&setup, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("result: FAILED: credential:"))
+        .unwrap_or_else(|| panic!("no failed credential step:\n{out}"));
+    assert!(failed.contains("UnknownIssuer"), "{failed}");
+    assert_eq!(setup.entra().requests(), requests, "a request got through");
+
+    // Only --token-ca-file: the token is obtained, the cache's certificate is not trusted.
+    setup.args = without_flag(&both, "--ca-file");
+    let (code, out) = check_output(&setup, &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("credential: Entra token"), "{out}");
+    let failed = out
+        .lines()
+        .find(|l| l.starts_with("result: FAILED"))
+        .unwrap_or_else(|| panic!("no failed step:\n{out}"));
+    assert!(failed.contains("UnknownIssuer"), "{failed}");
+}
+
+/// A plaintext upstream with Entra sends the token in clear text, so it takes
+/// `--insecure-entra-over-plaintext`: without it the proxy refuses to start (exit 2) and sends
+/// nothing; with it, the token does reach a plaintext cache, and a warning says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_over_plaintext_only_with_the_insecure_flag() {
+    let mut setup = Setup::entra_app_service(Duration::from_secs(60)).await;
+    let cache = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cache_addr = cache.local_addr().unwrap().to_string();
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = received.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut tcp, _)) = cache.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    setup.args = without_flag(&setup.args, "--upstream");
+    setup.args.extend([
+        "--upstream".into(),
+        cache_addr,
+        "--tls".into(),
+        "false".into(),
+    ]);
+
+    let (args, env) = invocation(&setup, &[], &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_to_end(&args, &env).await;
+    assert_eq!(out.code(), Some(2), "{}", out.all());
+    assert!(
+        out.stderr.contains("--insecure-entra-over-plaintext"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(setup.msi().requests(), 0, "a token was fetched");
+
+    let proxy = setup
+        .start_proxy_with(&["--insecure-entra-over-plaintext"], &[])
+        .await;
+    assert!(
+        proxy.output_contains("Entra tokens travel in clear text"),
+        "{}",
+        proxy.output()
+    );
+    let mut client = proxy.raw().await;
+    client.send(&["PING"]).await;
+    let token_in_clear = || {
+        let bytes = received.lock().unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        text.contains("AUTH") && setup.issuer.history().iter().any(|t| text.contains(t))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), token_in_clear).await,
+        "no token reached the plaintext cache\n{}",
+        proxy.output()
+    );
 }

@@ -53,12 +53,12 @@ impl std::fmt::Debug for AzureSourceFactory {
 }
 
 impl AzureSourceFactory {
-    /// Prepares the factory: builds the HTTP client (trusting `ca_file` too) unless the Azure
-    /// CLI is used, which needs none.
+    /// Prepares the factory: builds the HTTP client (trusting `token_ca_file` too, never the
+    /// upstream's `--ca-file`) unless the Azure CLI is used, which needs none.
     pub fn new(
         credential: &CredentialConfig,
         scope: &str,
-        ca_file: Option<&Path>,
+        token_ca_file: Option<&Path>,
     ) -> Result<Self, ConfigError> {
         let mut client_options = ClientOptions {
             retry: RetryOptions::none(),
@@ -66,7 +66,7 @@ impl AzureSourceFactory {
             ..Default::default()
         };
         if !matches!(credential, CredentialConfig::AzureCli { .. }) {
-            let client = token_http_client(ca_file)?;
+            let client = token_http_client(token_ca_file)?;
             client_options.transport = Some(Transport::new(Arc::new(client)));
         }
         Ok(AzureSourceFactory {

@@ -193,7 +193,7 @@ impl CredentialManager {
     /// Starts background refresh; returns at once (the first fetch happens in the background).
     ///
     /// Errors are configuration errors found before anything is fetched: an unreadable key file
-    /// or `--ca-file`, a federated token file that doesn't exist, an HTTP authority host.
+    /// or `--token-ca-file`, a federated token file that doesn't exist, an HTTP authority host.
     /// Must be called inside the Tokio runtime; the tasks stop when `shutdown` is cancelled.
     pub fn start(config: &Config, shutdown: CancellationToken) -> Result<Self, ConfigError> {
         match &config.auth {
@@ -205,7 +205,7 @@ impl CredentialManager {
                 let factory = entra::AzureSourceFactory::new(
                     credential,
                     &config.scope,
-                    config.ca_file.as_deref(),
+                    config.token_ca_file.as_deref(),
                 )?;
                 Self::start_entra(
                     Arc::new(factory),

@@ -13,14 +13,21 @@
 //!   proxy, a TLS-inspecting egress proxy) would be `SSL_CERT_FILE`, which *replaces* the system
 //!   roots instead of adding to them;
 //! * its internal retry policy (up to 8 retries over 60 s) would sit underneath the refresher's
-//!   own lifetime-aware backoff.
+//!   own lifetime-aware backoff;
+//! * reqwest takes a proxy from `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` (corporate clusters
+//!   set them in every pod), so the managed identity request (plain HTTP to IMDS or the App
+//!   Service endpoint) and every token in the answers would pass through that proxy.
 //!
 //! So the proxy passes its own reqwest client (same reqwest 0.13 that typespec uses, so it
 //! implements `azure_core::http::HttpClient`) as the credential's transport: rustls with the
 //! *ring* provider like the rest of the proxy, trusting the system roots (`rustls-native-certs`,
-//! which still honours `SSL_CERT_FILE` / `SSL_CERT_DIR`) **plus** the PEM bundle of `--ca-file`,
-//! with the same timeouts and no-redirect policy as the default client. The credential's own
-//! retries are turned off in [`super::entra`].
+//! which still honours `SSL_CERT_FILE` / `SSL_CERT_DIR`) **plus** the PEM bundle of
+//! `--token-ca-file` (never the upstream's `--ca-file`: a CA trusted for the cache must not
+//! vouch for the endpoint that gets the proxy's credentials and hands out its tokens),
+//! with the same timeouts and no-redirect policy as the default client, and **never through a
+//! proxy**: the identity endpoints are link-local (IMDS), local to the host (App Service) or
+//! Entra itself, and none of them needs one. The credential's own retries are turned off in
+//! [`super::entra`].
 
 use crate::config::ConfigError;
 use rustls::RootCertStore;
@@ -35,14 +42,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Same as `typespec_client_core`'s default client.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A reqwest client for token endpoints that trusts the system roots plus `ca_file`.
-pub fn token_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, ConfigError> {
-    let roots = trusted_roots(ca_file)?;
+/// A reqwest client for token endpoints that trusts the system roots plus `token_ca_file`.
+pub fn token_http_client(token_ca_file: Option<&Path>) -> Result<reqwest::Client, ConfigError> {
+    let roots = trusted_roots(token_ca_file)?;
     if roots.is_empty() {
         // Not fatal: IMDS and the App Service endpoint are plain HTTP. HTTPS token requests will
         // fail with a certificate error that says so.
         tracing::warn!(
-            "no trusted CA certificates found (no system CA bundle and no --ca-file): \
+            "no trusted CA certificates found (no system CA bundle and no --token-ca-file): \
              HTTPS token requests will fail"
         );
     }
@@ -53,6 +60,7 @@ pub fn token_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, Conf
         .with_root_certificates(roots)
         .with_no_client_auth();
     reqwest::Client::builder()
+        .no_proxy()
         .tls_backend_preconfigured(tls)
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(READ_TIMEOUT)
@@ -66,8 +74,8 @@ pub fn token_http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, Conf
 }
 
 /// The system roots (ignoring unreadable ones, as every TLS client does) plus every certificate
-/// in `ca_file` (where an error is a configuration error: the user asked for that file).
-fn trusted_roots(ca_file: Option<&Path>) -> Result<RootCertStore, ConfigError> {
+/// in `token_ca_file` (where an error is a configuration error: the user asked for that file).
+fn trusted_roots(token_ca_file: Option<&Path>) -> Result<RootCertStore, ConfigError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for error in &native.errors {
@@ -79,7 +87,7 @@ fn trusted_roots(ca_file: Option<&Path>) -> Result<RootCertStore, ConfigError> {
         ignored,
         "loaded system CA certificates for token requests"
     );
-    if let Some(path) = ca_file {
+    if let Some(path) = token_ca_file {
         for cert in read_pem_certs(path)? {
             roots
                 .add(cert)
@@ -103,7 +111,8 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigErr
 
 fn ca_file_error(path: &Path, why: &str) -> ConfigError {
     ConfigError(format!(
-        "cannot use --ca-file {}: {why}; give a PEM file with the CA certificate(s)",
+        "cannot use --token-ca-file {}: {why}; give a PEM file with the CA certificate(s) of \
+         the token endpoint",
         path.display()
     ))
 }
@@ -135,7 +144,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("missing.pem");
         let err = token_http_client(Some(&missing)).unwrap_err();
-        assert!(err.0.contains("--ca-file"), "{err}");
+        assert!(err.0.contains("--token-ca-file"), "{err}");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").expect("write");
         let err = token_http_client(Some(&empty)).unwrap_err();

@@ -1,7 +1,8 @@
 //! HTTP plumbing: [`HttpServer`] serves an axum `Router` on a loopback port, over plain HTTP/1.1
-//! or HTTPS (tokio-rustls in front of hyper), until dropped (used by the fake token endpoints);
-//! [`http_request`] / [`http_get`] are a minimal HTTP/1.1 client (hyper) for tests, e.g. to
-//! call the fake endpoints directly or the proxy's admin endpoint.
+//! or HTTPS (tokio-rustls in front of hyper), until dropped (used by the fake token endpoints
+//! and [`RecordingHttpProxy`], a fake forward proxy); [`http_request`] / [`http_get`] are a
+//! minimal HTTP/1.1 client (hyper) for tests, e.g. to call the fake endpoints directly or the
+//! proxy's admin endpoint.
 
 use axum::Router;
 use http_body_util::{BodyExt, Full};
@@ -10,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -87,6 +89,44 @@ impl Drop for HttpServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.task.abort();
+    }
+}
+
+/// A fake forward proxy, what `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` point at in a
+/// corporate cluster: it records every request it gets (a plain one in absolute form, or a
+/// `CONNECT` for HTTPS) and answers `502`, so a test can prove that nothing went through it.
+pub struct RecordingHttpProxy {
+    seen: Arc<Mutex<Vec<String>>>,
+    server: HttpServer,
+}
+
+impl RecordingHttpProxy {
+    /// Starts it on a loopback port.
+    pub async fn start() -> RecordingHttpProxy {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let router = Router::new().fallback(move |request: axum::extract::Request| {
+            let record = record.clone();
+            async move {
+                record
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {}", request.method(), request.uri()));
+                axum::http::StatusCode::BAD_GATEWAY
+            }
+        });
+        let server = HttpServer::start(router, None, CancellationToken::new()).await;
+        RecordingHttpProxy { seen, server }
+    }
+
+    /// `http://127.0.0.1:PORT`: the value for the proxy variables.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.server.addr())
+    }
+
+    /// Every request so far, as `METHOD URI`.
+    pub fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
     }
 }
 

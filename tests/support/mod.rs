@@ -19,7 +19,8 @@
 //!   control (pipelining, `MULTI`, subscribed mode, noticing a closed connection).
 //! * [`setup`]: ready-made combinations of the above ([`Setup`]).
 //! * [`differential`]: the same bytes to Redis directly and through the proxy, compared.
-//! * [`http`]: the HTTP server plumbing of the fakes, and a tiny HTTP client ([`http_get`],
+//! * [`http`]: the HTTP server plumbing of the fakes, a fake forward proxy that records what
+//!   reaches it ([`RecordingHttpProxy`]), and a tiny HTTP client ([`http_get`],
 //!   [`http_request`]) for the fakes and the proxy's admin endpoint.
 //!
 //! Useful facts when writing a test:
@@ -46,7 +47,7 @@ pub mod token_issuer;
 pub mod http;
 
 pub use azure_front::{AuthEvent, AzureFront};
-pub use http::{HttpResponse, http_get, http_post, http_request};
+pub use http::{HttpResponse, RecordingHttpProxy, http_get, http_post, http_request};
 pub use pki::TestPki;
 pub use proxy::{ProxyProcess, RunOutput, run_to_end};
 pub use redis_server::{ClientInfo, RedisServer};

@@ -96,17 +96,29 @@ impl Setup {
         setup
     }
 
-    /// Entra ID through AKS workload identity (`--credential workload-identity`): a federated
-    /// token file, `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`, `AZURE_FEDERATED_TOKEN_FILE`, and
-    /// `AZURE_AUTHORITY_HOST` pointing at the fake Entra endpoint (trusted via `--ca-file`).
-    pub async fn entra_workload_identity(lifetime: Duration) -> Setup {
+    /// [`Self::entra_base`] plus the fake Entra endpoint (HTTPS with the test PKI's
+    /// certificate) and `--credential credential`. The proxy trusts the test CA for token
+    /// requests through `--token-ca-file` (`--ca-file`, for the upstream, doesn't count there).
+    async fn entra_endpoint_base(lifetime: Duration, credential: &str) -> (Setup, EntraEndpoint) {
         let mut setup = Self::entra_base(lifetime).await;
         let entra = EntraEndpoint::start(&setup.pki, &setup.issuer).await;
+        setup.args.extend([
+            "--credential".into(),
+            credential.into(),
+            "--token-ca-file".into(),
+            setup.pki.ca_path().display().to_string(),
+        ]);
+        (setup, entra)
+    }
+
+    /// Entra ID through AKS workload identity (`--credential workload-identity`): a federated
+    /// token file, `AZURE_CLIENT_ID`, `AZURE_TENANT_ID`, `AZURE_FEDERATED_TOKEN_FILE`, and
+    /// `AZURE_AUTHORITY_HOST` pointing at the fake Entra endpoint (trusted via
+    /// `--token-ca-file`).
+    pub async fn entra_workload_identity(lifetime: Duration) -> Setup {
+        let (mut setup, entra) = Self::entra_endpoint_base(lifetime, "workload-identity").await;
         let token_file = setup.dir.path().join("azure-identity-token");
         std::fs::write(&token_file, entra.assertion()).expect("write federated token file");
-        setup
-            .args
-            .extend(["--credential".into(), "workload-identity".into()]);
         setup.env.extend([
             ("AZURE_CLIENT_ID".to_string(), entra.client_id().to_string()),
             ("AZURE_TENANT_ID".into(), entra.tenant_id().to_string()),
@@ -122,13 +134,9 @@ impl Setup {
 
     /// Entra ID with a service principal and client secret (`--credential client-secret`,
     /// `AZURE_REDIS_CLIENTID` / `AZURE_REDIS_CLIENTSECRET` / `AZURE_REDIS_TENANTID`), against
-    /// the fake Entra endpoint (`AZURE_AUTHORITY_HOST`, trusted via `--ca-file`).
+    /// the fake Entra endpoint (`AZURE_AUTHORITY_HOST`, trusted via `--token-ca-file`).
     pub async fn entra_client_secret(lifetime: Duration) -> Setup {
-        let mut setup = Self::entra_base(lifetime).await;
-        let entra = EntraEndpoint::start(&setup.pki, &setup.issuer).await;
-        setup
-            .args
-            .extend(["--credential".into(), "client-secret".into()]);
+        let (mut setup, entra) = Self::entra_endpoint_base(lifetime, "client-secret").await;
         setup.env.extend([
             (
                 "AZURE_REDIS_CLIENTID".to_string(),

@@ -13,8 +13,8 @@
 //!   client_credentials`, `scope`, and `client_secret` or `client_assertion` +
 //!   `client_assertion_type`; it answers `{"token_type","expires_in","ext_expires_in",
 //!   "access_token"}` or an Entra error (`error`, `error_description`, `error_codes`, …).
-//!   The proxy trusts the test CA for it through `--ca-file` (its token HTTP client trusts the
-//!   system roots plus that bundle).
+//!   The proxy trusts the test CA for it through `--token-ca-file` (its token HTTP client
+//!   trusts the system roots plus that bundle, and not the upstream's `--ca-file`).
 //!
 //! Both have a runtime-switchable [`EndpointMode`] and count and record every request.
 
