@@ -22,8 +22,11 @@
 //! * a **header read timeout** ([`HEADER_READ_TIMEOUT`]; it also closes idle keep-alive
 //!   connections) and a **lifetime cap** per connection ([`CONNECTION_LIFETIME`]), so a client
 //!   that trickles bytes or never reads its answer is dropped;
-//! * at most [`MAX_CONNECTIONS`] connections at once: one more gets a best-effort 503 and is
-//!   closed at once instead of queueing (a probe then fails fast rather than timing out);
+//! * at most [`MAX_CONNECTIONS`] connections at once, and a newcomer is never refused: when
+//!   they are all taken, the one least likely to matter is closed (see [`crate::slots`]: one
+//!   that has sent no complete request yet, from the peer holding the most, the oldest). So a
+//!   peer that holds every slot with trickled headers only ever displaces its own connections,
+//!   and the kubelet's probe, whose request follows its connect at once, is answered;
 //! * a small request buffer ([`MAX_BUF_SIZE`]): no large headers held in memory;
 //! * handlers only read atomics, a `watch` value and the metric registry: nothing waits for the
 //!   relay, the upstream or the token endpoint. Readiness in particular never dials the upstream
@@ -37,6 +40,7 @@
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::slots::{Slot, Slots};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
@@ -47,11 +51,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Admin connections served at once. Probes (three per pod), a Prometheus scrape and an
-/// operator's `curl` fit many times over; more than this is a misbehaving client.
+/// operator's `curl` fit many times over; beyond this, a newcomer displaces an idle or
+/// trickling connection (see the module documentation).
 pub const MAX_CONNECTIONS: usize = 32;
 /// How long a client may take to send a request's headers, idle keep-alive time included.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,9 +66,6 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 pub const MAX_BUF_SIZE: usize = 8 * 1024;
 /// The Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
-/// Sent, best effort, to a connection over [`MAX_CONNECTIONS`] before it is closed.
-const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
-content-length: 34\r\nconnection: close\r\n\r\ntoo many admin connections, retry\n";
 
 /// What the endpoint reports on and acts upon; shared with the server, which updates it.
 #[derive(Debug, Clone)]
@@ -108,7 +109,7 @@ impl AdminServer {
     /// Never fails: a failed `accept` (e.g. out of file descriptors) is logged and retried.
     pub async fn serve(self, state: AdminState, stop: CancellationToken) {
         let state = Arc::new(state);
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let slots = Slots::new(MAX_CONNECTIONS);
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -122,18 +123,14 @@ impl AdminServer {
                     }
                 },
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(%peer, "admin endpoint: too many connections, closing one");
-                // A fresh socket's send buffer is empty: this never blocks.
-                let _ = tcp.try_write(BUSY_RESPONSE);
-                continue;
-            };
+            let (slot, evicted) = slots.admit(peer.ip());
+            if let Some(evicted) = evicted {
+                tracing::debug!(%peer, unserved = evicted.unserved,
+                    "admin endpoint: all connection slots taken, closed one to make room");
+            }
             let state = state.clone();
             let stop = stop.clone();
-            tokio::spawn(async move {
-                serve_connection(tcp, peer, state, stop).await;
-                drop(permit);
-            });
+            tokio::spawn(serve_connection(tcp, peer, slot, state, stop));
         }
         tracing::debug!("admin endpoint closed");
     }
@@ -154,10 +151,13 @@ pub async fn serve(
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
     state: Arc<AdminState>,
     stop: CancellationToken,
 ) {
+    let served = slot.served_flag();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        served.set();
         let response = respond(&state, request.method(), request.uri().path(), peer.ip());
         tracing::debug!(
             %peer,
@@ -174,10 +174,16 @@ async fn serve_connection(
         .max_buf_size(MAX_BUF_SIZE)
         .serve_connection(TokioIo::new(tcp), service);
     tokio::select! {
+        // The connection first: a request that has arrived is answered even if this
+        // connection was displaced meanwhile.
+        biased;
         result = connection => {
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "admin connection ended with an error");
             }
+        }
+        _ = slot.evicted() => {
+            tracing::debug!(%peer, "admin connection displaced by a newer one: closed");
         }
         _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
             tracing::debug!(%peer, "admin connection open too long: closed");
@@ -420,47 +426,78 @@ mod tests {
         stop.cancel();
     }
 
-    #[tokio::test]
-    async fn connections_over_the_cap_are_refused_at_once() {
-        let (addr, stop) = running(state(0)).await;
-        let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            idle.push(TcpStream::connect(addr).await.expect("connect"));
-        }
-        // Let the server accept them all.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut extra = TcpStream::connect(addr).await.expect("connect");
-        let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut answer))
-            .await
-            .expect("closed at once");
-        if read.is_ok() {
-            assert!(answer.starts_with(b"HTTP/1.1 503"), "{answer:?}");
-        }
-        drop(idle);
-        // Slots come back once those connections are gone.
-        let mut served = false;
-        for _ in 0..50 {
-            if let Ok((200, _)) =
-                ops_client::request(Method::GET, &addr.to_string(), "/liveness").await
-            {
-                served = true;
-                break;
+    /// A hostile peer: `per_source` connections from each of `sources` (other loopback
+    /// addresses than the probes' 127.0.0.1), each sending half a request line and then one
+    /// header byte every 200 ms, and reconnecting whenever the server closes it. Counts its
+    /// connects in `connects`.
+    fn slowloris(
+        addr: SocketAddr,
+        sources: Vec<IpAddr>,
+        per_source: usize,
+        connects: Arc<std::sync::atomic::AtomicUsize>,
+        stop: CancellationToken,
+    ) {
+        for source in sources {
+            for _ in 0..per_source {
+                let (connects, stop) = (connects.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                        socket
+                            .bind(SocketAddr::new(source, 0))
+                            .expect("bind the source");
+                        let Ok(mut tcp) = socket.connect(addr).await else {
+                            continue;
+                        };
+                        connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let mut sent = tcp.write_all(b"GET /liveness HTTP/1.1\r\nX-").await;
+                        while sent.is_ok() && !stop.is_cancelled() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            sent = tcp.write_all(b"a").await;
+                        }
+                    }
+                });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(served);
+    }
+
+    /// While `slowloris` holds more connections than there are slots, 20 probes in a row from
+    /// 127.0.0.1 each get 200 (within the client's 5 s bound; in practice at once).
+    async fn probes_are_answered_while(sources: Vec<IpAddr>, per_source: usize) {
+        let (addr, stop) = running(state(0)).await;
+        let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hostile = CancellationToken::new();
+        let wanted = sources.len() * per_source;
+        assert!(wanted > MAX_CONNECTIONS);
+        slowloris(addr, sources, per_source, connects.clone(), hostile.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while connects.load(std::sync::atomic::Ordering::SeqCst) < wanted {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hostile peer could not connect"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..20 {
+            let probe = ops_client::request(Method::GET, &addr.to_string(), "/liveness").await;
+            assert!(matches!(probe, Ok((200, _))), "probe {i}: {probe:?}");
+        }
+        hostile.cancel();
         stop.cancel();
     }
 
-    #[test]
-    fn the_busy_answer_is_well_formed() {
-        let text = String::from_utf8_lossy(BUSY_RESPONSE);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
-        assert!(
-            head.contains(&format!("content-length: {}", body.len())),
-            "{text}"
-        );
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_are_answered_while_one_peer_trickles_headers_on_every_slot() {
+        let from: IpAddr = "127.0.0.2".parse().unwrap_or(LOOPBACK);
+        probes_are_answered_while(vec![from], MAX_CONNECTIONS + 16).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_are_answered_while_many_peers_trickle_headers_on_every_slot() {
+        let sources = (0..MAX_CONNECTIONS as u8 + 16)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i + 1)))
+            .collect();
+        probes_are_answered_while(sources, 1).await;
     }
 
     #[tokio::test]
