@@ -37,10 +37,10 @@ fn main() -> ExitCode {
                 )
             })
         }),
-        Command::Shutdown { admin } => run_ops_client(async move {
-            ops_client::shutdown(&admin)
+        Command::Shutdown { control } => run_ops_client(async move {
+            ops_client::shutdown(&control)
                 .await
-                .map(|()| format!("the proxy at {admin} is shutting down"))
+                .map(|()| format!("the proxy at {control} is shutting down"))
         }),
         Command::Injector(config) => run_injector(config),
     }
