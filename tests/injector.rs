@@ -236,7 +236,7 @@ fn every_annotation_overrides_the_defaults_and_existing_lists_are_added_into() {
         json!({"name": "redis-entra-proxy-access-key", "secret": {
             "secretName": "shop-cache-keys",
             "items": [{"key": "primary-key", "path": "access-key"}],
-            "defaultMode": 0o440
+            "defaultMode": 0o444
         }})
     );
     // The pod's other annotations are kept.
@@ -254,7 +254,7 @@ fn an_access_key_secret_on_a_pod_without_volumes_creates_the_volume_list() {
         json!([{"name": "redis-entra-proxy-access-key", "secret": {
             "secretName": "shop-cache-keys",
             "items": [{"key": "access-key", "path": "access-key"}],
-            "defaultMode": 288
+            "defaultMode": 0o444
         }}])
     );
     assert_eq!(
@@ -262,6 +262,38 @@ fn an_access_key_secret_on_a_pod_without_volumes_creates_the_volume_list() {
         json!([{"name": "redis-entra-proxy-access-key",
                 "mountPath": "/var/run/secrets/redis-entra-proxy", "readOnly": true}])
     );
+}
+
+/// Pods whose own securityContext sets other users and groups (with and without an fsGroup):
+/// the sidecar keeps its own user and group, the pod's securityContext is not touched (it
+/// decides what every container's groups are), and the key file is readable by anyone who
+/// mounts it, which only the sidecar does. `tests/k8s` checks the file's mode, owner and group
+/// against Kubernetes' volume rules for every golden pod, these two included.
+#[test]
+fn a_pod_with_its_own_users_and_groups_gets_a_sidecar_that_can_read_its_key() {
+    for name in ["hostile-groups", "hostile-fsgroup"] {
+        let original = review_json(name)["request"]["object"].clone();
+        let pod = inject(name, &chart_defaults());
+        assert_eq!(
+            pod["spec"]["securityContext"], original["spec"]["securityContext"],
+            "{name}"
+        );
+        let sidecar = sidecars(&pod)[0];
+        assert_eq!(sidecar["securityContext"]["runAsUser"], 65532, "{name}");
+        assert_eq!(sidecar["securityContext"]["runAsGroup"], 65532, "{name}");
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .and_then(|v| {
+                v.iter()
+                    .find(|v| v["name"] == "redis-entra-proxy-access-key")
+            })
+            .expect("the key's volume");
+        assert_eq!(volume["secret"]["defaultMode"], 0o444, "{name}");
+        assert_eq!(
+            pod["spec"]["containers"], original["spec"]["containers"],
+            "{name}"
+        );
+    }
 }
 
 #[test]
@@ -381,7 +413,7 @@ fn every_golden_pod_is_a_complete_v1_pod() {
         assert!(pod["spec"]["containers"].is_array(), "{}", path.display());
         seen += 1;
     }
-    assert_eq!(seen, 3);
+    assert_eq!(seen, 5);
 }
 
 // ---------------------------------------------------------------------------------------------

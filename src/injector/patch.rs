@@ -65,8 +65,10 @@ fn is_injected(spec: &Map<String, Value>, annotations: &Map<String, Value>) -> b
             .any(|container| container.get("name").and_then(Value::as_str) == Some(CONTAINER_NAME))
 }
 
-/// What the API server would refuse, or what would make the sidecar crash-loop: a volume
-/// already named like ours, or an app container declaring a port the sidecar binds.
+/// What the API server would refuse, or what would make the sidecar crash-loop or expose its
+/// key: a volume already named like ours, a container mounting a volume of that name (it would
+/// see the access key, which only the sidecar may read), or an app container declaring a port
+/// the sidecar binds.
 fn check_conflicts(spec: &Map<String, Value>, options: &Options) -> Result<(), String> {
     if options.volume().is_some()
         && array_at(spec, "volumes")
@@ -75,6 +77,24 @@ fn check_conflicts(spec: &Map<String, Value>, options: &Options) -> Result<(), S
         return Err(format!(
             "the pod already has a volume named {ACCESS_KEY_VOLUME}, which the injector adds \
              for redis-entra-proxy.io/access-key-secret: rename it"
+        ));
+    }
+    let mounting = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| array_at(spec, list))
+        .find(|container| {
+            let mounts = container.get("volumeMounts").and_then(Value::as_array);
+            mounts
+                .into_iter()
+                .flatten()
+                .any(|mount| mount.get("name").and_then(Value::as_str) == Some(ACCESS_KEY_VOLUME))
+        });
+    if let Some(container) = mounting {
+        let name = container.get("name").and_then(Value::as_str).unwrap_or("?");
+        return Err(format!(
+            "container {name:?} mounts a volume named {ACCESS_KEY_VOLUME}, the name of the \
+             volume that holds the sidecar's access key: only the sidecar may mount it; rename \
+             the mount"
         ));
     }
     let sidecar_ports = options.ports();
@@ -270,6 +290,16 @@ mod tests {
             decide(&pod(metadata, spec), &defaults()),
             Decision::Deny(_)
         ));
+        // Another container mounting the key's volume name would see the key.
+        let spec = json!({"containers": [{"name": "app",
+            "volumeMounts": [{"name": ACCESS_KEY_VOLUME, "mountPath": "/k"}]}]});
+        let Decision::Deny(message) = decide(&pod(labelled(), spec), &defaults()) else {
+            panic!("a mount of the key's volume admitted");
+        };
+        assert!(
+            message.contains("only the sidecar may mount it"),
+            "{message}"
+        );
         assert!(matches!(
             decide(&json!("pod"), &defaults()),
             Decision::Deny(_)

@@ -410,7 +410,17 @@ impl Options {
     }
 
     /// The pod volume with the access key, when one is configured: only the one key, as a
-    /// file named `access-key`, readable by the sidecar's group (0440, octal).
+    /// file named `access-key`, mode 0444 (octal).
+    ///
+    /// Why 0444: a Secret volume's files belong to root, and to group root unless the pod sets
+    /// `fsGroup` (then to that group, with the group read bit added). The sidecar runs as
+    /// 65532:65532, so a 0440 file is unreadable in every pod without `fsGroup`, and setting
+    /// `fsGroup` (or `supplementalGroups`) ourselves would change the groups of every
+    /// container in the pod and the ownership of the pod's other volumes. The other bits need
+    /// no group at all, whatever the pod's securityContext says; and they let no other
+    /// container read the key, because a volume's files are visible only in the containers
+    /// that mount it, and only the sidecar mounts this one (the injector refuses a pod whose
+    /// containers mount a volume of this name).
     pub fn volume(&self) -> Option<Value> {
         let secret = self.access_key_secret.as_ref()?;
         Some(json!({
@@ -418,7 +428,7 @@ impl Options {
             "secret": {
                 "secretName": secret.name,
                 "items": [{"key": secret.key, "path": ACCESS_KEY_FILE_NAME}],
-                "defaultMode": 0o440
+                "defaultMode": 0o444
             }
         }))
     }

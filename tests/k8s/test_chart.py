@@ -13,6 +13,7 @@ from conftest import (
     CHART, CI_VALUES, NAMESPACE, assert_locked_down, by_kind, decode_b64, load_values, notes,
     one, pod_metadata, pod_spec, render, validate_strict,
 )
+from volume_rules import unreadable_files
 
 VALUE_SETS = [None, *CI_VALUES]
 VALUE_IDS = ["default", *(p.name for p in CI_VALUES)]
@@ -371,6 +372,7 @@ def test_gateway_access_key_file():
     [volume] = pod_spec(one(objects, "Deployment"))["volumes"]
     assert volume["secret"]["secretName"] == "k"
     assert volume["secret"]["items"] == [{"key": "primary", "path": "access-key"}]
+    assert unreadable_files(pod_spec(one(objects, "Deployment")), c) == []
 
 
 def test_gateway_notes():

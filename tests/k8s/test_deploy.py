@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import DEPLOY, assert_locked_down, pod_metadata, pod_spec, validate_strict
+from volume_rules import unreadable_files
 
 FILES = sorted(DEPLOY.glob("*.yaml"))
 WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet", "DaemonSet", "Pod"}
@@ -66,6 +67,7 @@ def test_native_sidecar(workload):
     for container in spec["initContainers"] + spec["containers"]:
         assert_locked_down(container)
     assert spec["securityContext"]["runAsNonRoot"] is True
+    assert unreadable_files(spec, proxy) == []
 
 
 def test_workload_identity_wiring():
