@@ -338,7 +338,7 @@ fn bad_annotation_values_are_refused_with_the_annotation_the_value_and_what_is_e
         ),
         (
             "bad-admin-port",
-            "redis-entra-proxy.io/admin-port: \"70000\" is not a port number (1..=65535)",
+            "redis-entra-proxy.io/admin-port: \"70000\" is not a port number (1..=65534",
         ),
         (
             "bad-access-key-secret",
@@ -354,6 +354,41 @@ fn bad_annotation_values_are_refused_with_the_annotation_the_value_and_what_is_e
         let response = answer(name, &chart_defaults());
         assert_refused(&response, start);
     }
+}
+
+/// Pods whose sidecar could not start, or would be open to others, are refused with a message
+/// that says what to do instead: a unix socket (the sidecar has a read-only root filesystem
+/// and no volume shared with the app), a listener on the pod network without a password, a
+/// host-network pod (the node's loopback is shared by every such pod).
+#[test]
+fn pods_whose_sidecar_could_not_start_or_would_be_open_are_refused() {
+    let cases = [
+        (
+            "unix-listen",
+            "redis-entra-proxy.io/listen: \"unix:/var/run/redis/redis.sock\" is a unix socket, \
+             which an injected sidecar can't offer",
+        ),
+        (
+            "open-listen",
+            "redis-entra-proxy.io/listen: \"0.0.0.0:6379\" is reachable from the pod network",
+        ),
+        ("host-network", "the pod has hostNetwork: true"),
+    ];
+    for (name, start) in cases {
+        assert_refused(&answer(name, &chart_defaults()), start);
+    }
+}
+
+#[test]
+fn a_listener_on_the_pod_network_takes_its_password_from_a_secret() {
+    let pod = inject("pod-network-listen", &chart_defaults());
+    let sidecar = sidecars(&pod)[0];
+    assert_eq!(arg(sidecar, "--listen"), Some("0.0.0.0:6379"));
+    assert_eq!(
+        sidecar["env"],
+        json!([{"name": "REDIS_PROXY_LISTEN_PASSWORD", "valueFrom": {
+            "secretKeyRef": {"name": "redis-listen", "key": "password"}}}])
+    );
 }
 
 /// Asserts `allowed: false`, code 400, no patch, and a message starting with `start`.
@@ -413,7 +448,7 @@ fn every_golden_pod_is_a_complete_v1_pod() {
         assert!(pod["spec"]["containers"].is_array(), "{}", path.display());
         seen += 1;
     }
-    assert_eq!(seen, 5);
+    assert_eq!(seen, 6);
 }
 
 // ---------------------------------------------------------------------------------------------

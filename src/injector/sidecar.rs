@@ -11,7 +11,7 @@
 //! Errors quote the offending value: annotations and chart values hold no secrets (the access
 //! key stays in its Kubernetes Secret; only the Secret's *name* is an option).
 
-use crate::config::{parse_bind_address, parse_host_port};
+use crate::config::{ListenAddr, is_loopback, parse_bind_address, parse_host_port};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -32,6 +32,9 @@ pub const ACCESS_KEY_DIR: &str = "/var/run/secrets/redis-entra-proxy";
 const ACCESS_KEY_FILE_NAME: &str = "access-key";
 /// The Secret key used when `access-key-secret` names only the Secret.
 const DEFAULT_SECRET_KEY: &str = "access-key";
+/// The Secret key used when `listen-password-secret` names only the Secret (the gateway
+/// mode's default key too).
+const DEFAULT_PASSWORD_KEY: &str = "password";
 /// The admin port's name, which the probes refer to.
 pub const ADMIN_PORT_NAME: &str = "proxy-admin";
 /// The sidecar's user and group: the distroless `nonroot` user, so `runAsNonRoot` holds.
@@ -73,6 +76,9 @@ pub struct Options {
     pub auth: String,
     /// The Secret key mounted as `--access-key-file`, when set.
     pub access_key_secret: Option<SecretRef>,
+    /// The Secret key given as `REDIS_PROXY_LISTEN_PASSWORD`, when set: required when `listen`
+    /// is not a loopback address.
+    pub listen_password_secret: Option<SecretRef>,
     /// `--database`, passed when not 0.
     pub database: u32,
     /// The admin port: `--admin-listen 0.0.0.0:PORT`, the container port and the probes'.
@@ -97,6 +103,7 @@ pub struct DefaultsFile {
     listen: Option<Scalar>,
     auth: Option<Scalar>,
     access_key_secret: Option<Scalar>,
+    listen_password_secret: Option<Scalar>,
     database: Option<Scalar>,
     admin_port: Option<Scalar>,
     log_format: Option<Scalar>,
@@ -173,6 +180,11 @@ const FIELDS: &[Field] = &[
         set: set_access_key_secret,
     },
     Field {
+        annotation: "listen-password-secret",
+        file_field: "listenPasswordSecret",
+        set: set_listen_password_secret,
+    },
+    Field {
         annotation: "database",
         file_field: "database",
         set: set_database,
@@ -229,6 +241,7 @@ impl Default for Options {
             listen: "127.0.0.1:6379".into(),
             auth: "auto".into(),
             access_key_secret: None,
+            listen_password_secret: None,
             database: 0,
             admin_port: 9090,
             log_format: "json".into(),
@@ -254,6 +267,7 @@ impl Options {
             &file.listen,
             &file.auth,
             &file.access_key_secret,
+            &file.listen_password_secret,
             &file.database,
             &file.admin_port,
             &file.log_format,
@@ -317,11 +331,23 @@ impl Options {
                  to the Secret holding it (NAME or NAME/KEY)"
             ));
         }
-        if listen_port(&self.listen) == Some(self.admin_port) {
+        if listen_port(&self.listen).is_some_and(|port| self.admin_ports().contains(&port)) {
             return Err(format!(
-                "{PREFIX}listen: {:?} uses the admin port {}: set {PREFIX}admin-port or \
-                 {PREFIX}listen to another port",
+                "{PREFIX}listen: {:?} uses the admin port {} or the control port next to it: \
+                 set {PREFIX}admin-port or {PREFIX}listen to another port",
                 self.listen, self.admin_port
+            ));
+        }
+        if self.listen_password_secret.is_none()
+            && !is_loopback(&ListenAddr::Tcp(self.listen.clone()))
+        {
+            return Err(format!(
+                "{PREFIX}listen: {:?} is reachable from the pod network, and whoever reaches it \
+                 uses the proxy's credentials: set {PREFIX}listen-password-secret (or the chart \
+                 value injector.defaults.listenPasswordSecret) to the Secret holding the \
+                 password clients must AUTH with (NAME or NAME/KEY, KEY defaults to \
+                 {DEFAULT_PASSWORD_KEY}), or listen on 127.0.0.1",
+                self.listen
             ));
         }
         self.resources.check()
@@ -390,11 +416,18 @@ impl Options {
                 "seccompProfile": {"type": "RuntimeDefault"}
             }
         });
+        let mut env = Vec::new();
         if let Some(client_id) = &self.client_id {
-            extend(
-                &mut container,
-                json!({"env": [{"name": "AZURE_REDIS_CLIENTID", "value": client_id}]}),
-            );
+            env.push(json!({"name": "AZURE_REDIS_CLIENTID", "value": client_id}));
+        }
+        if let Some(secret) = &self.listen_password_secret {
+            // From the Secret at container start: the password is never in the pod spec.
+            env.push(json!({"name": "REDIS_PROXY_LISTEN_PASSWORD", "valueFrom": {
+                "secretKeyRef": {"name": secret.name, "key": secret.key}
+            }}));
+        }
+        if !env.is_empty() {
+            extend(&mut container, json!({ "env": env }));
         }
         if self.access_key_secret.is_some() {
             extend(
@@ -433,11 +466,17 @@ impl Options {
         }))
     }
 
-    /// The TCP ports the sidecar binds (listen, admin), to compare with the app's ports.
+    /// The TCP ports the sidecar binds (admin, control, listen), to compare with the app's.
     pub fn ports(&self) -> Vec<u16> {
-        let mut ports = vec![self.admin_port];
+        let mut ports = self.admin_ports().to_vec();
         ports.extend(listen_port(&self.listen));
         ports
+    }
+
+    /// The admin port (on every address, for the kubelet) and the control port next to it (on
+    /// 127.0.0.1: the proxy's `--control-listen auto` for a non-loopback admin address).
+    fn admin_ports(&self) -> [u16; 2] {
+        [self.admin_port, self.admin_port.saturating_add(1)]
     }
 }
 
@@ -578,14 +617,18 @@ fn set_client_id(options: &mut Options, value: &str) -> Result<(), String> {
 }
 
 fn set_listen(options: &mut Options, value: &str) -> Result<(), String> {
-    let valid = match value.strip_prefix("unix:") {
-        Some(path) => path.starts_with('/') && !path.contains(char::is_whitespace),
-        None => parse_bind_address(value).is_ok() && listen_port(value).is_some_and(|p| p != 0),
-    };
-    if !valid {
+    if value.starts_with("unix:") {
         return Err(
-            "is not a listen address: expected host:port (e.g. 127.0.0.1:6379) or \
-             unix:/absolute/path"
+            "is a unix socket, which an injected sidecar can't offer: its root filesystem is \
+             read-only and it shares no volume with the app's containers; listen on \
+             127.0.0.1:PORT and connect the app to localhost:PORT"
+                .into(),
+        );
+    }
+    if parse_bind_address(value).is_err() || listen_port(value).is_none_or(|p| p == 0) {
+        return Err(
+            "is not a listen address: expected host:port, e.g. 127.0.0.1:6379 (a unix socket \
+             is not possible in an injected sidecar)"
                 .into(),
         );
     }
@@ -599,12 +642,22 @@ fn set_auth(options: &mut Options, value: &str) -> Result<(), String> {
 }
 
 fn set_access_key_secret(options: &mut Options, value: &str) -> Result<(), String> {
-    let (name, key) = value.split_once('/').unwrap_or((value, DEFAULT_SECRET_KEY));
+    options.access_key_secret = Some(secret_ref(value, DEFAULT_SECRET_KEY)?);
+    Ok(())
+}
+
+fn set_listen_password_secret(options: &mut Options, value: &str) -> Result<(), String> {
+    options.listen_password_secret = Some(secret_ref(value, DEFAULT_PASSWORD_KEY)?);
+    Ok(())
+}
+
+/// `NAME` or `NAME/KEY` of a Secret, the key defaulting to `default_key`.
+fn secret_ref(value: &str, default_key: &str) -> Result<SecretRef, String> {
+    let (name, key) = value.split_once('/').unwrap_or((value, default_key));
     if !is_dns1123_subdomain(name) {
         return Err(format!(
             "is not a Secret reference: {name:?} is not a Secret name (lowercase letters, \
-             digits, '-' and '.'); expected NAME or NAME/KEY (KEY defaults to \
-             {DEFAULT_SECRET_KEY})"
+             digits, '-' and '.'); expected NAME or NAME/KEY (KEY defaults to {default_key})"
         ));
     }
     if !is_secret_key(key) {
@@ -613,11 +666,10 @@ fn set_access_key_secret(options: &mut Options, value: &str) -> Result<(), Strin
              and '.'); expected NAME or NAME/KEY"
         ));
     }
-    options.access_key_secret = Some(SecretRef {
+    Ok(SecretRef {
         name: name.to_string(),
         key: key.to_string(),
-    });
-    Ok(())
+    })
 }
 
 fn set_database(options: &mut Options, value: &str) -> Result<(), String> {
@@ -633,8 +685,8 @@ fn set_admin_port(options: &mut Options, value: &str) -> Result<(), String> {
     options.admin_port = value
         .parse::<u16>()
         .ok()
-        .filter(|port| *port != 0)
-        .ok_or("is not a port number (1..=65535)")?;
+        .filter(|port| (1..u16::MAX).contains(port))
+        .ok_or("is not a port number (1..=65534: the control endpoint takes the next one)")?;
     Ok(())
 }
 
@@ -813,14 +865,19 @@ mod tests {
             ("upstream", "host:0", "HOST:PORT"),
             ("client-id", "not-a-guid", "GUID"),
             ("listen", "6379", "host:port"),
-            ("listen", "unix:relative", "unix:/absolute/path"),
+            (
+                "listen",
+                "unix:/var/run/redis.sock",
+                "root filesystem is read-only",
+            ),
             ("listen", "127.0.0.1:0", "host:port"),
             ("auth", "password", "auto, entra, access-key, none"),
             ("access-key-secret", "My_Secret", "Secret name"),
             ("access-key-secret", "ok/bad key", "Secret key"),
             ("access-key-secret", "ok/..x", "Secret key"),
-            ("admin-port", "0", "1..=65535"),
-            ("admin-port", "65536", "1..=65535"),
+            ("admin-port", "0", "1..=65534"),
+            ("admin-port", "65535", "1..=65534"),
+            ("listen-password-secret", "Pw", "Secret name"),
             ("log-format", "xml", "text, json"),
             ("image", "a b", "whitespace"),
             ("image-pull-policy", "always", "Always, IfNotPresent, Never"),
@@ -850,8 +907,22 @@ mod tests {
     fn combinations_that_could_not_start() {
         let error = with(&[("auth", "access-key")]).expect_err("no key");
         assert!(error.contains("access-key-secret"), "{error}");
-        let error = with(&[("listen", "0.0.0.0:9090")]).expect_err("port clash");
+        let error = with(&[("listen", "127.0.0.1:9090")]).expect_err("port clash");
         assert!(error.contains("admin port 9090"), "{error}");
+        let error = with(&[("listen", "127.0.0.1:9091")]).expect_err("control port clash");
+        assert!(error.contains("control port"), "{error}");
+        let error = with(&[("listen", "0.0.0.0:6379")]).expect_err("open without a password");
+        assert!(error.contains("listen-password-secret"), "{error}");
+        let open = with(&[
+            ("listen", "0.0.0.0:6379"),
+            ("listen-password-secret", "redis-pw"),
+        ])
+        .expect("with a password");
+        assert_eq!(
+            open.container()["env"],
+            json!([{"name": "REDIS_PROXY_LISTEN_PASSWORD",
+                    "valueFrom": {"secretKeyRef": {"name": "redis-pw", "key": "password"}}}])
+        );
         let error = with(&[("cpu-request", "2"), ("cpu-limit", "500m")]).expect_err("r > l");
         assert!(error.contains("cpu request"), "{error}");
         assert!(with(&[("memory-request", "128Mi")]).is_ok());
@@ -863,7 +934,7 @@ mod tests {
         let options = with(&[
             ("upstream", "[::1]:10000"),
             ("client-id", "0F8FAD5B-D9CB-469F-A165-70867728950E"),
-            ("listen", "unix:/var/run/redis.sock"),
+            ("listen", "[::1]:6380"),
             ("access-key-secret", "cache.keys"),
             ("database", "2147483647"),
             ("cpu-limit", "1"),

@@ -19,7 +19,8 @@ VALUE_SETS = [None, *CI_VALUES]
 VALUE_IDS = ["default", *(p.name for p in CI_VALUES)]
 
 DEFAULTS_FIELDS = {"image", "imagePullPolicy", "upstream", "clientId", "listen", "auth",
-                   "accessKeySecret", "database", "adminPort", "logFormat", "resources"}
+                   "accessKeySecret", "listenPasswordSecret", "database", "adminPort",
+                   "logFormat", "resources"}
 
 GATEWAY = {"mode": "gateway",
            "gateway": {"upstream": "mycache.redis.cache.windows.net",
@@ -247,7 +248,9 @@ def test_defaults_file_content():
     data = defaults_json(render({"injector": {"defaults": {
         "upstream": "c.redis.cache.windows.net", "clientId": "11111111-2222-3333-4444-555555555555",
         "accessKeySecret": "k/primary", "database": 3, "adminPort": 9191, "image": "x/y:1",
-        "imagePullPolicy": "Always"}}}))
+        "imagePullPolicy": "Always", "listen": "0.0.0.0:6379",
+        "listenPasswordSecret": "pw"}}}))
+    assert data["listen"] == "0.0.0.0:6379" and data["listenPasswordSecret"] == "pw"
     assert data["upstream"] == "c.redis.cache.windows.net"
     assert data["clientId"] == "11111111-2222-3333-4444-555555555555"
     assert data["accessKeySecret"] == "k/primary"
@@ -391,6 +394,10 @@ def test_gateway_notes():
     ({"injector": {"defaults": {"auth": "password"}}}, "/injector/defaults/auth"),
     ({"injector": {"defaults": {"logFormat": "yaml"}}}, "/injector/defaults/logFormat"),
     ({"injector": {"defaults": {"adminPort": 70000}}}, "/injector/defaults/adminPort"),
+    ({"injector": {"defaults": {"adminPort": 65535}}}, "/injector/defaults/adminPort"),
+    ({"injector": {"defaults": {"listen": "unix:/tmp/r.sock"}}}, "/injector/defaults/listen"),
+    ({"injector": {"defaults": {"listenPasswordSecret": "Pw"}}},
+     "/injector/defaults/listenPasswordSecret"),
     ({"injector": {"defaults": {"clientId": "not-a-guid"}}}, "/injector/defaults/clientId"),
     ({"injector": {"defaults": {"unknownField": 1}}}, "/injector/defaults"),
     ({"injector": {"defaults": {"resources": {"requests": {"cpu": "lots"}}}}},

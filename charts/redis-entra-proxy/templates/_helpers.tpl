@@ -89,7 +89,7 @@ so is the checksum annotation computed from it.
 {{- define "rep.injector.defaultsJson" -}}
 {{- $d := .Values.injector.defaults }}
 {{- $out := dict "image" (default (include "rep.image" .) $d.image) "imagePullPolicy" (default .Values.image.pullPolicy $d.imagePullPolicy) }}
-{{- range $key := list "upstream" "clientId" "listen" "auth" "accessKeySecret" "logFormat" }}
+{{- range $key := list "upstream" "clientId" "listen" "auth" "accessKeySecret" "listenPasswordSecret" "logFormat" }}
 {{- with index $d $key }}
 {{- $_ := set $out $key . }}
 {{- end }}
