@@ -267,6 +267,36 @@ def test_defaults_checksum_rolls_the_injector():
     assert checksum(None) != checksum({"injector": {"defaults": {"upstream": "other"}}})
 
 
+def test_injector_network_policy_is_off_unless_asked_for():
+    assert not by_kind(render(), "NetworkPolicy")
+
+
+def test_injector_network_policy_admits_only_the_api_server_and_allows_no_egress():
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"app": "konnectivity-agent"}}}
+    objects = render({"injector": {"networkPolicy": {
+        "enabled": True, "apiServerCIDRs": ["10.224.0.0/28", "fd00::/64"], "from": [peer]}}})
+    policy = one(objects, "NetworkPolicy")
+    validate_strict(policy)
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == \
+        one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["egress"] == []
+    [ingress] = spec["ingress"]
+    assert ingress["ports"] == [{"port": "webhook", "protocol": "TCP"}]
+    assert ingress["from"] == [{"ipBlock": {"cidr": "10.224.0.0/28"}},
+                               {"ipBlock": {"cidr": "fd00::/64"}}, peer]
+    # The port it names is the one the webhook Service targets.
+    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in \
+        pod_spec(one(objects, "Deployment"))["containers"][0]["ports"]
+
+
+def test_an_injector_network_policy_without_sources_fails_the_install():
+    with pytest.raises(helm.HelmError, match=r"admits nothing"):
+        render({"injector": {"networkPolicy": {"enabled": True}}})
+
+
 def test_injector_mounts_no_api_token():
     objects = render()
     assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is False
@@ -394,6 +424,10 @@ def test_gateway_notes():
     ({"injector": {"defaults": {"auth": "password"}}}, "/injector/defaults/auth"),
     ({"injector": {"defaults": {"logFormat": "yaml"}}}, "/injector/defaults/logFormat"),
     ({"injector": {"defaults": {"adminPort": 70000}}}, "/injector/defaults/adminPort"),
+    ({"injector": {"networkPolicy": {"apiServerCIDRs": ["10.0.0.1"]}}},
+     "/injector/networkPolicy/apiServerCIDRs/0"),
+    ({"injector": {"networkPolicy": {"from": [{"podselector": {}}]}}},
+     "/injector/networkPolicy/from/0"),
     ({"injector": {"defaults": {"adminPort": 65535}}}, "/injector/defaults/adminPort"),
     ({"injector": {"defaults": {"listen": "unix:/tmp/r.sock"}}}, "/injector/defaults/listen"),
     ({"injector": {"defaults": {"listenPasswordSecret": "Pw"}}},
