@@ -177,7 +177,9 @@ fn a_plain_labelled_pod_gets_the_sidecar_first_among_new_init_containers() {
             "--admin-listen",
             "0.0.0.0:9090",
             "--log-format",
-            "json"
+            "json",
+            "--max-connections",
+            "56"
         ])
     );
     assert!(sidecar.get("env").is_none());
@@ -206,6 +208,7 @@ fn every_annotation_overrides_the_defaults_and_existing_lists_are_added_into() {
         ("--admin-listen", "0.0.0.0:9191"),
         ("--log-format", "text"),
         ("--database", "3"),
+        ("--max-connections", "200"),
         (
             "--access-key-file",
             "/var/run/secrets/redis-entra-proxy/access-key",
@@ -292,6 +295,30 @@ fn a_pod_with_its_own_users_and_groups_gets_a_sidecar_that_can_read_its_key() {
         assert_eq!(
             pod["spec"]["containers"], original["spec"]["containers"],
             "{name}"
+        );
+    }
+}
+
+/// Without the annotation, `--max-connections` follows the sidecar's memory limit: what the
+/// limit holds if every connection costs the worst case measured with `bench/` (see
+/// `max_connections_for`).
+#[test]
+fn the_default_connection_limit_follows_the_memory_limit() {
+    let defaults = chart_defaults();
+    for (limit, expected) in [("128Mi", "56"), ("512Mi", "248")] {
+        let mut review = review_json("plain");
+        review["request"]["object"]["metadata"]["annotations"] =
+            json!({"redis-entra-proxy.io/memory-limit": limit});
+        let (response, _) =
+            review::answer(&serde_json::to_vec(&review).expect("JSON"), &defaults).expect("ok");
+        let pod = applied(
+            &review["request"]["object"],
+            &patch_of(&response["response"]),
+        );
+        assert_eq!(
+            arg(sidecars(&pod)[0], "--max-connections"),
+            Some(expected),
+            "{limit}"
         );
     }
 }

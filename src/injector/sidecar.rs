@@ -39,6 +39,22 @@ const DEFAULT_PASSWORD_KEY: &str = "password";
 pub const ADMIN_PORT_NAME: &str = "proxy-admin";
 /// The sidecar's user and group: the distroless `nonroot` user, so `runAsNonRoot` holds.
 const RUN_AS: u32 = 65532;
+/// What one client connection can cost the proxy at most, for the default `--max-connections`
+/// derived from the sidecar's memory limit. Measured with `bench/run.sh --only worst`: 1.62 to
+/// 1.65 MiB of RSS per connection holding a 1 MiB command the proxy must inspect, 16,384
+/// pipelined commands and unread replies of a large value (50 and 100 connections); rounded up.
+pub const CONNECTION_WORST_CASE: u64 = 2 * 1024 * 1024;
+/// What the proxy itself needs besides its connections (measured 8.6 to 8.9 MiB of RSS at
+/// rest), with room for the warm pool, the metrics and the allocator.
+pub const PROCESS_RESERVE: u64 = 16 * 1024 * 1024;
+
+/// The `--max-connections` that keeps the proxy under `memory_limit` bytes even if every client
+/// connection costs [`CONNECTION_WORST_CASE`]: `(limit - reserve) / worst case`, at least 1.
+/// The chart's gateway template computes the same (`rep.maxConnections`).
+pub fn max_connections_for(memory_limit: u64) -> u64 {
+    (memory_limit.saturating_sub(PROCESS_RESERVE) / CONNECTION_WORST_CASE).max(1)
+}
+
 /// The image used when neither the chart nor the pod names one: this very version.
 pub const DEFAULT_IMAGE: &str = concat!(
     "ghcr.io/redis-entra-proxy/redis-entra-proxy:",
@@ -81,6 +97,9 @@ pub struct Options {
     pub listen_password_secret: Option<SecretRef>,
     /// `--database`, passed when not 0.
     pub database: u32,
+    /// `--max-connections` when set (0: no limit); `None`: derived from the memory limit
+    /// ([`Options::max_connections`]).
+    pub max_connections: Option<u64>,
     /// The admin port: `--admin-listen 0.0.0.0:PORT`, the container port and the probes'.
     pub admin_port: u16,
     /// `--log-format`.
@@ -105,6 +124,7 @@ pub struct DefaultsFile {
     access_key_secret: Option<Scalar>,
     listen_password_secret: Option<Scalar>,
     database: Option<Scalar>,
+    max_connections: Option<Scalar>,
     admin_port: Option<Scalar>,
     log_format: Option<Scalar>,
     image: Option<Scalar>,
@@ -190,6 +210,11 @@ const FIELDS: &[Field] = &[
         set: set_database,
     },
     Field {
+        annotation: "max-connections",
+        file_field: "maxConnections",
+        set: set_max_connections,
+    },
+    Field {
         annotation: "admin-port",
         file_field: "adminPort",
         set: set_admin_port,
@@ -243,6 +268,7 @@ impl Default for Options {
             access_key_secret: None,
             listen_password_secret: None,
             database: 0,
+            max_connections: None,
             admin_port: 9090,
             log_format: "json".into(),
             image: DEFAULT_IMAGE.into(),
@@ -269,6 +295,7 @@ impl Options {
             &file.access_key_secret,
             &file.listen_password_secret,
             &file.database,
+            &file.max_connections,
             &file.admin_port,
             &file.log_format,
             &file.image,
@@ -370,6 +397,10 @@ impl Options {
         if self.database != 0 {
             args.extend(["--database".into(), self.database.to_string()]);
         }
+        let max_connections = self.max_connections();
+        if max_connections != 0 {
+            args.extend(["--max-connections".into(), max_connections.to_string()]);
+        }
         if self.access_key_secret.is_some() {
             args.extend([
                 "--access-key-file".into(),
@@ -464,6 +495,17 @@ impl Options {
                 "defaultMode": 0o444
             }
         }))
+    }
+
+    /// The sidecar's `--max-connections` (0: no limit): the annotation's or the chart's value,
+    /// else what the memory limit allows ([`max_connections_for`]), else no limit.
+    pub fn max_connections(&self) -> u64 {
+        self.max_connections.unwrap_or_else(|| {
+            let limit = self.resources.limits.get("memory");
+            limit
+                .and_then(|quantity| quantity_value(quantity))
+                .map_or(0, |bytes| max_connections_for(bytes as u64))
+        })
     }
 
     /// The TCP ports the sidecar binds (admin, control, listen), to compare with the app's.
@@ -681,6 +723,17 @@ fn set_database(options: &mut Options, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn set_max_connections(options: &mut Options, value: &str) -> Result<(), String> {
+    options.max_connections = Some(
+        value
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n <= 1_000_000)
+            .ok_or("is not a number of connections (0 for no limit, up to 1000000)")?,
+    );
+    Ok(())
+}
+
 fn set_admin_port(options: &mut Options, value: &str) -> Result<(), String> {
     options.admin_port = value
         .parse::<u16>()
@@ -842,7 +895,9 @@ mod tests {
                 "--admin-listen",
                 "0.0.0.0:9090",
                 "--log-format",
-                "json"
+                "json",
+                "--max-connections",
+                "56"
             ]
         );
         assert_eq!(options.volume(), None);
@@ -892,6 +947,32 @@ mod tests {
             assert!(error.starts_with(&start), "{error}");
             assert!(error.contains(hint), "{error}");
         }
+    }
+
+    #[test]
+    fn max_connections_follow_the_memory_limit_unless_set() {
+        let mib = |n: u64| n * 1024 * 1024;
+        assert_eq!(max_connections_for(mib(128)), 56);
+        assert_eq!(max_connections_for(mib(256)), 120);
+        assert_eq!(max_connections_for(mib(1024)), 504);
+        assert_eq!(max_connections_for(mib(16)), 1);
+        assert_eq!(with(&[]).expect("valid").max_connections(), 56);
+        let big = with(&[("memory-limit", "1Gi")]).expect("valid");
+        assert_eq!(big.max_connections(), 504);
+        let decimal = with(&[("memory-limit", "500M")]).expect("valid");
+        assert_eq!(decimal.max_connections(), (500_000_000 - mib(16)) / mib(2));
+        let set = with(&[("max-connections", "300")]).expect("valid");
+        assert!(
+            set.args()
+                .ends_with(&["--max-connections".into(), "300".into()])
+        );
+        let off = with(&[("max-connections", "0")]).expect("valid");
+        assert!(!off.args().contains(&"--max-connections".to_string()));
+        let mut unlimited = Options::default();
+        unlimited.resources.limits.clear();
+        assert_eq!(unlimited.max_connections(), 0);
+        let error = with(&[("max-connections", "-1")]).expect_err("negative");
+        assert!(error.contains("is not a number of connections"), "{error}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ VALUE_SETS = [None, *CI_VALUES]
 VALUE_IDS = ["default", *(p.name for p in CI_VALUES)]
 
 DEFAULTS_FIELDS = {"image", "imagePullPolicy", "upstream", "clientId", "listen", "auth",
-                   "accessKeySecret", "listenPasswordSecret", "database", "adminPort",
-                   "logFormat", "resources"}
+                   "accessKeySecret", "listenPasswordSecret", "database", "maxConnections",
+                   "adminPort", "logFormat", "resources"}
 
 GATEWAY = {"mode": "gateway",
            "gateway": {"upstream": "mycache.redis.cache.windows.net",
@@ -249,7 +249,8 @@ def test_defaults_file_content():
         "upstream": "c.redis.cache.windows.net", "clientId": "11111111-2222-3333-4444-555555555555",
         "accessKeySecret": "k/primary", "database": 3, "adminPort": 9191, "image": "x/y:1",
         "imagePullPolicy": "Always", "listen": "0.0.0.0:6379",
-        "listenPasswordSecret": "pw"}}}))
+        "listenPasswordSecret": "pw", "maxConnections": 0}}}))
+    assert data["maxConnections"] == 0 and isinstance(data["maxConnections"], int)
     assert data["listen"] == "0.0.0.0:6379" and data["listenPasswordSecret"] == "pw"
     assert data["upstream"] == "c.redis.cache.windows.net"
     assert data["clientId"] == "11111111-2222-3333-4444-555555555555"
@@ -408,6 +409,28 @@ def test_gateway_access_key_file():
     assert unreadable_files(pod_spec(one(objects, "Deployment")), c) == []
 
 
+@pytest.mark.parametrize("memory, expected", [
+    # The same figures as the injector's (src/injector/sidecar.rs, max_connections_for):
+    # (limit - 16 MiB) / 2 MiB, at least 1.
+    ("128Mi", "56"), ("256Mi", "120"), ("1Gi", "504"), ("500M", "230"), ("1.5Gi", "760"),
+    ("16Mi", "1"),
+])
+def test_gateway_max_connections_follow_the_memory_limit(memory, expected):
+    objects = render({**GATEWAY, "gateway": {**GATEWAY["gateway"],
+                                             "resources": {"limits": {"memory": memory}}}})
+    assert arg(gateway_container(objects), "--max-connections") == expected
+
+
+def test_gateway_max_connections_default_and_overrides():
+    assert arg(gateway_container(render(GATEWAY)), "--max-connections") == "120"  # 256Mi
+    explicit = {**GATEWAY, "gateway": {**GATEWAY["gateway"], "maxConnections": 77}}
+    assert arg(gateway_container(render(explicit)), "--max-connections") == "77"
+    off = {**GATEWAY, "gateway": {**GATEWAY["gateway"], "maxConnections": 0}}
+    assert arg(gateway_container(render(off)), "--max-connections") is None
+    unlimited = {**GATEWAY, "gateway": {**GATEWAY["gateway"], "resources": {"limits": None}}}
+    assert arg(gateway_container(render(unlimited)), "--max-connections") is None
+
+
 def test_gateway_notes():
     assert "AUTH" in notes(GATEWAY)
 
@@ -438,6 +461,8 @@ def test_gateway_notes():
      "/injector/defaults/resources/requests/cpu"),
     ({"injector": {"replica": 2}}, "/injector"),
     ({"gateway": {"port": 0}}, "/gateway/port"),
+    ({"gateway": {"maxConnections": -1}}, "/gateway/maxConnections"),
+    ({"injector": {"defaults": {"maxConnections": "many"}}}, "/injector/defaults/maxConnections"),
     ({"gateway": {"auth": "password"}}, "/gateway/auth"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"typo": True}, "at ''"),

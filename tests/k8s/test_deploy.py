@@ -61,6 +61,9 @@ def test_native_sidecar(workload):
     if workload["kind"] != "Job":
         assert proxy["readinessProbe"]["httpGet"]["path"] == "/readiness"
     assert proxy["resources"]["requests"] and proxy["resources"]["limits"]["memory"]
+    # The connection limit the chart would derive from that memory limit.
+    assert proxy["resources"]["limits"]["memory"] == "128Mi"
+    assert args[args.index("--max-connections") + 1] == "56"
     sc = proxy["securityContext"]
     assert sc["runAsUser"] == 65532 and sc["runAsGroup"] == 65532
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
