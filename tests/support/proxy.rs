@@ -247,22 +247,22 @@ impl ProxyProcess {
 
     /// The admin endpoint's address, if a line says it is listening (`--admin-listen` set).
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| is_admin_listening_line(l))
-            .find_map(|l| address_field(l)?.parse().ok())
+        self.logged_addr(is_admin_listening_line)
     }
 
     /// The control endpoint's own listener, if a line says it is listening (`--control-listen`
     /// with a non-loopback `--admin-listen`).
     pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.logged_addr(is_control_listening_line)
+    }
+
+    /// The `address` of the first line that `is_line` picks.
+    fn logged_addr(&self, is_line: fn(&str) -> bool) -> Option<SocketAddr> {
         self.lines
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| is_control_listening_line(l))
+            .filter(|l| is_line(l))
             .find_map(|l| address_field(l)?.parse().ok())
     }
 
