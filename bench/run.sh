@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
 # One-command benchmark of redis-entra-proxy against direct Redis (plaintext and TLS) and two
 # byte-forwarding TLS proxies (stunnel, haproxy): throughput / CPU / memory, connection setup,
-# memory per idle connection, and re-authentication of thousands of live connections.
-# See bench/README.md.
+# memory per idle connection and per connection in its costliest state, and re-authentication
+# of thousands of live connections. See bench/README.md.
 #
 # Usage: bench/run.sh [--rounds N] [--quick] [--only PARTS]
 #   --rounds N     interleaved rounds; medians are reported (default 3)
 #   --quick        fewer requests / connections / rotations (smoke test, numbers are noisy)
-#   --only PARTS   comma-separated subset of: throughput,setup,idle,reauth (default: all)
+#   --only PARTS   comma-separated subset of: throughput,setup,idle,worst,reauth (default: all)
 # Environment:
 #   PROXY_BIN=/path   use this redis-entra-proxy binary (no cargo build); it is copied once at
 #                     the start, so a rebuild under the run doesn't mix two builds
 #   BENCH_RAW_OUT=f   also keep every single throughput measurement in f
 #   IDLE_CONNS=N      idle connections for the idle and reauth parts (default 5000)
+#   WORST_CONNS=N     connections held in their costliest state in the worst part (default 50)
 #   REAUTH_ROTATIONS=N  token rotations to observe in the reauth part (default 2, quick 1)
 set -euo pipefail
 
 ROUNDS=3
 SCALE=1
 QUICK=0
-ONLY="throughput,setup,idle,reauth"
+ONLY="throughput,setup,idle,worst,reauth"
 COMMAND_LINE="bench/run.sh${*:+ $*}"
 [ -z "${PROXY_BIN:-}" ] || COMMAND_LINE="PROXY_BIN=$PROXY_BIN $COMMAND_LINE"
 while [ $# -gt 0 ]; do
@@ -33,8 +34,8 @@ while [ $# -gt 0 ]; do
 done
 for part in ${ONLY//,/ }; do
     case "$part" in
-        throughput|setup|idle|reauth) ;;
-        *) echo "unknown part in --only: $part (throughput,setup,idle,reauth)" >&2; exit 2 ;;
+        throughput|setup|idle|worst|reauth) ;;
+        *) echo "unknown part in --only: $part (throughput,setup,idle,worst,reauth)" >&2; exit 2 ;;
     esac
 done
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; esac; return 1; }
@@ -745,6 +746,47 @@ echo "RSS = VmRSS of the process (1 s after the last PONG) minus VmRSS before th
 echo
 } >>"$REPORT"
 echo "| RSS per idle client connection ($IDLE_CONNS held) | entra-proxy (haproxy: $IDLE_KIB KiB) | $PROXY_IDLE_KIB KiB | <= 16 KiB |" >>"$SUMMARY"
+fi
+
+# ================================================================ 3b. worst-case connection memory
+# What the default --max-connections of the chart and the injector is derived from: RSS per
+# connection held in the state that costs the proxy the most (see worst_clients.py).
+if want worst; then
+WORST_CONNS="${WORST_CONNS:-50}"
+WORST_PORT="$(free_port)"
+log "worst-case memory: a fresh redis-entra-proxy (access key) with $WORST_CONNS connections in their costliest state"
+start_key_proxy proxy-worst "$WORST_PORT" --admin-listen off
+WORST_PID=$BG_PID
+WORST_BEFORE="$(rss_kib "$WORST_PID")"
+rm -f "$WORK/worst.ctl" "$WORK/worst.out"
+mkfifo "$WORK/worst.ctl"
+python3 "$BENCH_DIR/worst_clients.py" --port "$WORST_PORT" -n "$WORST_CONNS" \
+    <"$WORK/worst.ctl" >"$WORK/worst.out" 2>"$WORK/worst.err" &
+HOLDER_PID=$!
+PIDS+=("$HOLDER_PID")
+exec 7>"$WORK/worst.ctl"
+wait_file "$WORK/worst.out" 180 || { cat "$WORK/worst.err" >&2; die "worst-case clients did not get ready"; }
+# shellcheck disable=SC2046
+set -- $(head -1 "$WORK/worst.out")
+WORST_OK="$2"
+[ "$3" -eq 0 ] || die "$3 of $WORST_CONNS worst-case connections failed (see the proxy log)"
+WORST_AFTER="$(rss_kib "$WORST_PID")"
+WORST_HWM="$(hwm "$WORST_PID")"
+WORST_KIB="$(awk -v a="$WORST_BEFORE" -v b="$WORST_AFTER" -v n="$WORST_OK" 'BEGIN{printf "%.0f", (b - a) / n}')"
+log "worst case: RSS $WORST_BEFORE KiB -> $WORST_AFTER KiB (peak $WORST_HWM) with $WORST_OK connections: $WORST_KIB KiB each"
+release_idle
+stop_bg "$WORST_PID"
+{
+echo "### Memory per connection, worst case ($WORST_OK connections)"
+echo
+echo "Each connection has four unread replies of a 1 MiB value queued, 16,384 PINGs pipelined behind them, and a 1 MiB - 1 KiB \`CLIENT SETNAME\` (a command the proxy must hold whole) sent but for its last bytes (\`bench/worst_clients.py\`)."
+echo
+echo "| process (fresh) | RSS before, KiB | RSS with the connections, KiB | peak RSS, KiB | KiB per connection |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+echo "| entra-proxy | $WORST_BEFORE | $WORST_AFTER | $WORST_HWM | $WORST_KIB |"
+echo
+} >>"$REPORT"
+echo "| RSS per connection, worst case ($WORST_OK held) | entra-proxy | $WORST_KIB KiB (at rest: $WORST_BEFORE KiB) | - |" >>"$SUMMARY"
 fi
 
 # ================================================================ 4. re-authentication

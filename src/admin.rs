@@ -1,5 +1,5 @@
-//! The admin HTTP endpoint on `--admin-listen`: Kubernetes probes, Prometheus metrics and
-//! `POST /quitquitquit`.
+//! The admin HTTP endpoint on `--admin-listen` (Kubernetes probes, Prometheus metrics) and the
+//! control endpoint on `--control-listen` (`POST /quitquitquit`).
 //!
 //! | path | answer |
 //! | --- | --- |
@@ -7,7 +7,7 @@
 //! | `GET /liveness` | 200 `ok` while the process serves HTTP at all |
 //! | `GET /readiness` | 200 `ok` while [`Health::readiness`] is `Ok`, else 503 and why |
 //! | `GET /metrics` | the Prometheus text exposition of [`Metrics`] |
-//! | `POST /quitquitquit` | starts a graceful shutdown ([`Shutdown::request`]), 200 |
+//! | `POST /quitquitquit` | starts a graceful shutdown ([`Shutdown::request`]), 200; only on the control endpoint |
 //!
 //! `HEAD` works wherever `GET` does; another method on a known path is 405 (with `Allow`), an
 //! unknown path 404.
@@ -22,36 +22,53 @@
 //! * a **header read timeout** ([`HEADER_READ_TIMEOUT`]; it also closes idle keep-alive
 //!   connections) and a **lifetime cap** per connection ([`CONNECTION_LIFETIME`]), so a client
 //!   that trickles bytes or never reads its answer is dropped;
-//! * at most [`MAX_CONNECTIONS`] connections at once: one more gets a best-effort 503 and is
-//!   closed at once instead of queueing (a probe then fails fast rather than timing out);
+//! * at most [`MAX_CONNECTIONS`] connections at once, and a newcomer is never refused: when
+//!   they are all taken, the one least likely to matter is closed (see [`crate::slots`]: one
+//!   that has sent no complete request yet, from the peer holding the most, the oldest). So a
+//!   peer that holds every slot with trickled headers only ever displaces its own connections,
+//!   and the kubelet's probe, whose request follows its connect at once, is answered;
 //! * a small request buffer ([`MAX_BUF_SIZE`]): no large headers held in memory;
 //! * handlers only read atomics, a `watch` value and the metric registry: nothing waits for the
 //!   relay, the upstream or the token endpoint. Readiness in particular never dials the upstream
 //!   (see [`crate::health`] for why).
 //!
-//! `POST /quitquitquit` is accepted only from a loopback address. Its users (a Job's main
-//! container calling `redis-entra-proxy shutdown`, a `preStop` hook) run in the same pod and
-//! reach the proxy over `127.0.0.1`; whereas the admin port usually has to listen on the pod IP
-//! for the kubelet's probes, and nothing else on the network should be able to stop the proxy.
+//! # Where `POST /quitquitquit` is served
+//!
+//! Its users (a Job's main container calling `redis-entra-proxy shutdown`, a `preStop` hook)
+//! run in the same pod (or on the same machine) and reach the proxy over loopback; nothing else
+//! should be able to stop it. The admin port usually has to listen on the pod IP for the
+//! kubelet's probes, and a peer address says nothing about who is calling: a service mesh's
+//! sidecar forwards traffic from the pod network to the pod from loopback addresses (Istio
+//! from 127.0.0.6). So the control endpoint is served only by a listener bound to a loopback
+//! address ([`ControlListen`]): the admin listener itself when that is on loopback (the default
+//! on a developer machine), else a listener of its own (`127.0.0.1:<admin port + 1>` by
+//! default). Elsewhere it answers 403 and says where it is.
+//!
+//! A web page open in a browser on that machine can also send a `POST` to `127.0.0.1` (no
+//! preflight is needed for one without a body), so a request that a browser marks as coming
+//! from a web page (an `Origin` header, or `Sec-Fetch-Site` other than `none`) is refused too:
+//! `curl`, `redis-entra-proxy shutdown` and the kubelet send neither.
 
+use crate::config::ControlListen;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::slots::{Slot, Slots};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderValue, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Admin connections served at once. Probes (three per pod), a Prometheus scrape and an
-/// operator's `curl` fit many times over; more than this is a misbehaving client.
+/// operator's `curl` fit many times over; beyond this, a newcomer displaces an idle or
+/// trickling connection (see the module documentation).
 pub const MAX_CONNECTIONS: usize = 32;
 /// How long a client may take to send a request's headers, idle keep-alive time included.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,9 +79,6 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 pub const MAX_BUF_SIZE: usize = 8 * 1024;
 /// The Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
-/// Sent, best effort, to a connection over [`MAX_CONNECTIONS`] before it is closed.
-const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
-content-length: 34\r\nconnection: close\r\n\r\ntoo many admin connections, retry\n";
 
 /// What the endpoint reports on and acts upon; shared with the server, which updates it.
 #[derive(Debug, Clone)]
@@ -77,26 +91,76 @@ pub struct AdminState {
     pub shutdown: Shutdown,
 }
 
-/// A bound admin listener, not serving yet. Binding and serving are separate so that the
-/// proxy can refuse to start (with the address and the OS error) when `--admin-listen` can't be
-/// bound, before it accepts any client.
+/// What a listener answers to `POST /quitquitquit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quit {
+    /// Served here: this listener is bound to a loopback address.
+    Here,
+    /// Refused here (reachable from the network): the control endpoint is at this address.
+    At(String),
+    /// Refused: there is no control endpoint.
+    Off,
+}
+
+/// A bound admin or control listener, not serving yet. Binding and serving are separate so
+/// that the proxy can refuse to start (with the address and the OS error) when an address can't
+/// be bound, before it accepts any client.
 #[derive(Debug)]
 pub struct AdminServer {
     listener: TcpListener,
     local_addr: SocketAddr,
+    quit: Quit,
 }
 
 impl AdminServer {
-    /// Binds `addr` (`host:port`; port 0 picks a free one) and logs the bound address as
+    /// Binds `addr` (`host:port`; port 0 picks a free one) for the probes and metrics, with
+    /// `quit` saying what `POST /quitquitquit` gets, and logs the bound address as
     /// `admin endpoint listening address=HOST:PORT` (the line tests and operators look for).
-    pub async fn bind(addr: &str) -> std::io::Result<AdminServer> {
+    pub async fn bind(addr: &str, quit: Quit) -> std::io::Result<AdminServer> {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
-        tracing::info!(address = %local_addr, "admin endpoint listening");
+        let control = quit == Quit::Here;
+        tracing::info!(address = %local_addr, control, "admin endpoint listening");
         Ok(AdminServer {
             listener,
             local_addr,
+            quit,
         })
+    }
+
+    /// Binds the listeners of `--admin-listen` and `--control-listen`: the admin one (if on)
+    /// first, then the control one when it has a listener of its own (every route, on
+    /// loopback; logged as `control endpoint listening address=HOST:PORT`). `Err` names the
+    /// address that could not be bound.
+    pub async fn bind_all(
+        admin: Option<&str>,
+        control: &ControlListen,
+    ) -> Result<Vec<AdminServer>, (String, std::io::Error)> {
+        let mut servers = Vec::new();
+        if let Some(addr) = admin {
+            let quit = match control {
+                ControlListen::OnAdmin => Quit::Here,
+                ControlListen::Separate(at) => Quit::At(at.clone()),
+                ControlListen::Off => Quit::Off,
+            };
+            let server = AdminServer::bind(addr, quit).await;
+            servers.push(server.map_err(|error| (addr.to_string(), error))?);
+        }
+        if let ControlListen::Separate(addr) = control {
+            let failed = |error| (addr.clone(), error);
+            let listener = TcpListener::bind(addr.as_str()).await.map_err(failed)?;
+            let local_addr = listener.local_addr().map_err(failed)?;
+            tracing::info!(address = %local_addr, "control endpoint listening");
+            if let Some(Quit::At(at)) = servers.first_mut().map(|s| &mut s.quit) {
+                *at = local_addr.to_string(); // the real port when 0 was asked for
+            }
+            servers.push(AdminServer {
+                listener,
+                local_addr,
+                quit: Quit::Here,
+            });
+        }
+        Ok(servers)
     }
 
     /// The address actually bound.
@@ -108,7 +172,7 @@ impl AdminServer {
     /// Never fails: a failed `accept` (e.g. out of file descriptors) is logged and retried.
     pub async fn serve(self, state: AdminState, stop: CancellationToken) {
         let state = Arc::new(state);
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let slots = Slots::new(MAX_CONNECTIONS);
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -122,43 +186,34 @@ impl AdminServer {
                     }
                 },
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(%peer, "admin endpoint: too many connections, closing one");
-                // A fresh socket's send buffer is empty: this never blocks.
-                let _ = tcp.try_write(BUSY_RESPONSE);
-                continue;
-            };
+            let (slot, evicted) = slots.admit(peer.ip());
+            if let Some(evicted) = evicted {
+                tracing::debug!(%peer, unserved = evicted.unserved,
+                    "admin endpoint: all connection slots taken, closed one to make room");
+            }
             let state = state.clone();
             let stop = stop.clone();
-            tokio::spawn(async move {
-                serve_connection(tcp, peer, state, stop).await;
-                drop(permit);
-            });
+            let quit = self.quit.clone();
+            tokio::spawn(serve_connection(tcp, peer, slot, quit, state, stop));
         }
         tracing::debug!("admin endpoint closed");
     }
-}
-
-/// Binds `addr` and serves the admin endpoint on it until `stop` is cancelled. `Err` only when
-/// the address can't be bound.
-pub async fn serve(
-    addr: &str,
-    state: AdminState,
-    stop: CancellationToken,
-) -> Result<(), std::io::Error> {
-    AdminServer::bind(addr).await?.serve(state, stop).await;
-    Ok(())
 }
 
 /// One admin connection (HTTP/1.1, keep-alive allowed), within the limits of the module doc.
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    slot: Slot,
+    quit: Quit,
     state: Arc<AdminState>,
     stop: CancellationToken,
 ) {
+    let served = slot.served_flag();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let response = respond(&state, request.method(), request.uri().path(), peer.ip());
+        served.set();
+        let (method, path) = (request.method(), request.uri().path());
+        let response = respond(&state, method, path, request.headers(), &quit);
         tracing::debug!(
             %peer,
             method = %request.method(),
@@ -174,10 +229,16 @@ async fn serve_connection(
         .max_buf_size(MAX_BUF_SIZE)
         .serve_connection(TokioIo::new(tcp), service);
     tokio::select! {
+        // The connection first: a request that has arrived is answered even if this
+        // connection was displaced meanwhile.
+        biased;
         result = connection => {
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "admin connection ended with an error");
             }
+        }
+        _ = slot.evicted() => {
+            tracing::debug!(%peer, "admin connection displaced by a newer one: closed");
         }
         _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
             tracing::debug!(%peer, "admin connection open too long: closed");
@@ -186,13 +247,15 @@ async fn serve_connection(
     }
 }
 
-/// The answer to `method path` from `peer`. Pure apart from reading `state` (and pulling the
-/// shutdown switch), so every route is unit-tested without a socket.
+/// The answer to `method path` with `headers` on a listener whose `POST /quitquitquit` is
+/// `quit`. Pure apart from reading `state` (and pulling the shutdown switch), so every route is
+/// unit-tested without a socket.
 pub fn respond(
     state: &AdminState,
     method: &Method,
     path: &str,
-    peer: IpAddr,
+    headers: &HeaderMap,
+    quit: &Quit,
 ) -> Response<Full<Bytes>> {
     let readable = matches!(*method, Method::GET | Method::HEAD);
     match path {
@@ -210,10 +273,24 @@ pub fn respond(
             response
         }
         "/quitquitquit" if *method != Method::POST => method_not_allowed("POST"),
-        "/quitquitquit" if !peer.to_canonical().is_loopback() => text(
+        "/quitquitquit" if *quit != Quit::Here => text(
             StatusCode::FORBIDDEN,
-            "POST /quitquitquit is only accepted from a loopback address (run \
-             'redis-entra-proxy shutdown' inside the pod)\n",
+            match quit {
+                Quit::At(at) => format!(
+                    "POST /quitquitquit is not served here, where the network can reach it: \
+                     send it to the control endpoint http://{at}/quitquitquit inside the pod \
+                     (redis-entra-proxy shutdown)\n"
+                ),
+                _ => "POST /quitquitquit is off (--control-listen off): stop the proxy with \
+                      SIGTERM\n"
+                    .to_string(),
+            },
+        ),
+        "/quitquitquit" if from_a_web_page(headers) => text(
+            StatusCode::FORBIDDEN,
+            "POST /quitquitquit from a web page is refused (it carries Origin or \
+             Sec-Fetch-Site): send it without them, e.g. redis-entra-proxy shutdown or \
+             curl -X POST\n",
         ),
         "/quitquitquit" => {
             state.shutdown.request();
@@ -224,6 +301,16 @@ pub fn respond(
             "not found: try /startup, /liveness, /readiness, /metrics or POST /quitquitquit\n",
         ),
     }
+}
+
+/// True when a browser says the request comes from a web page: it sends `Origin` with every
+/// cross-origin request and every `POST`, and `Sec-Fetch-Site: none` only for what the user
+/// typed or bookmarked. Command-line clients send neither.
+fn from_a_web_page(headers: &HeaderMap) -> bool {
+    headers.contains_key(ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| !site.as_bytes().eq_ignore_ascii_case(b"none"))
 }
 
 /// 200 `ok`, or 503 with the reason: the body is what `kubectl describe pod` shows for a
@@ -269,6 +356,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    use std::net::IpAddr;
+
+    /// `respond` without headers, on a listener that serves `POST /quitquitquit`.
+    fn ask(s: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        respond(s, method, path, &HeaderMap::new(), &Quit::Here)
+    }
 
     fn state(max_connections: usize) -> AdminState {
         AdminState {
@@ -292,7 +385,7 @@ mod tests {
     #[tokio::test]
     async fn probes_follow_health() {
         let s = state(1);
-        let get = |path| respond(&s, &Method::GET, path, LOOPBACK);
+        let get = |path| ask(&s, &Method::GET, path);
         assert_eq!(get("/liveness").status(), StatusCode::OK);
         let startup = get("/startup");
         assert_eq!(startup.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -308,7 +401,7 @@ mod tests {
         s.health.client(false);
         assert_eq!(get("/readiness").status(), StatusCode::OK);
         assert_eq!(
-            respond(&s, &Method::HEAD, "/readiness", LOOPBACK).status(),
+            ask(&s, &Method::HEAD, "/readiness").status(),
             StatusCode::OK
         );
     }
@@ -316,7 +409,7 @@ mod tests {
     #[tokio::test]
     async fn metrics_are_prometheus_text() {
         let s = state(0);
-        let response = respond(&s, &Method::GET, "/metrics", LOOPBACK);
+        let response = ask(&s, &Method::GET, "/metrics");
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
             response.headers().get(CONTENT_TYPE),
@@ -332,45 +425,88 @@ mod tests {
     #[test]
     fn wrong_methods_and_paths() {
         let s = state(0);
-        let r = respond(&s, &Method::POST, "/readiness", LOOPBACK);
+        let r = ask(&s, &Method::POST, "/readiness");
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(
             r.headers().get(ALLOW).map(|v| v.as_bytes()),
             Some(&b"GET, HEAD"[..])
         );
-        let r = respond(&s, &Method::GET, "/quitquitquit", LOOPBACK);
+        let r = ask(&s, &Method::GET, "/quitquitquit");
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(
             r.headers().get(ALLOW).map(|v| v.as_bytes()),
             Some(&b"POST"[..])
         );
+        assert_eq!(ask(&s, &Method::GET, "/").status(), StatusCode::NOT_FOUND);
         assert_eq!(
-            respond(&s, &Method::GET, "/", LOOPBACK).status(),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            respond(&s, &Method::GET, "/readiness/", LOOPBACK).status(),
+            ask(&s, &Method::GET, "/readiness/").status(),
             StatusCode::NOT_FOUND
         );
         assert!(!s.shutdown.is_requested());
     }
 
     #[test]
-    fn quitquitquit_only_from_loopback() {
+    fn quitquitquit_only_where_it_is_served() {
         let s = state(0);
-        let remote: IpAddr = "10.1.2.3".parse().unwrap_or(LOOPBACK);
-        let r = respond(&s, &Method::POST, "/quitquitquit", remote);
+        let none = HeaderMap::new();
+        let at = Quit::At("127.0.0.1:9091".into());
+        let r = respond(&s, &Method::POST, "/quitquitquit", &none, &at);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let r = respond(&s, &Method::POST, "/quitquitquit", &none, &Quit::Off);
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert!(!s.shutdown.is_requested());
-        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap_or(remote);
-        let r = respond(&s, &Method::POST, "/quitquitquit", mapped);
-        assert_eq!(r.status(), StatusCode::OK);
+        let r = respond(&s, &Method::GET, "/readiness", &none, &at);
+        assert_eq!(
+            r.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "probes are served"
+        );
+        assert_eq!(
+            ask(&s, &Method::POST, "/quitquitquit").status(),
+            StatusCode::OK
+        );
         assert!(s.shutdown.is_requested());
+    }
+
+    #[tokio::test]
+    async fn the_refusal_says_where_the_control_endpoint_is() {
+        let s = state(0);
+        let at = Quit::At("127.0.0.1:9091".into());
+        let r = respond(&s, &Method::POST, "/quitquitquit", &HeaderMap::new(), &at);
+        let text = body(r).await;
+        assert!(
+            text.contains("http://127.0.0.1:9091/quitquitquit"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn posts_from_web_pages_are_refused() {
+        let s = state(0);
+        for (name, value) in [
+            ("origin", "https://evil.example"),
+            ("origin", "null"),
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-site", "same-site"),
+            ("sec-fetch-site", "same-origin"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            let r = respond(&s, &Method::POST, "/quitquitquit", &headers, &Quit::Here);
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+            assert!(!s.shutdown.is_requested(), "{name}: {value}");
+        }
+        let mut typed = HeaderMap::new();
+        typed.insert("sec-fetch-site", HeaderValue::from_static("none"));
+        let r = respond(&s, &Method::POST, "/quitquitquit", &typed, &Quit::Here);
+        assert_eq!(r.status(), StatusCode::OK);
     }
 
     /// Binds an ephemeral admin endpoint and serves `state` on it.
     async fn running(state: AdminState) -> (SocketAddr, CancellationToken) {
-        let server = AdminServer::bind("127.0.0.1:0").await.expect("bind");
+        let server = AdminServer::bind("127.0.0.1:0", Quit::Here)
+            .await
+            .expect("bind");
         let addr = server.local_addr();
         let stop = CancellationToken::new();
         tokio::spawn(server.serve(state, stop.clone()));
@@ -420,53 +556,89 @@ mod tests {
         stop.cancel();
     }
 
-    #[tokio::test]
-    async fn connections_over_the_cap_are_refused_at_once() {
-        let (addr, stop) = running(state(0)).await;
-        let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            idle.push(TcpStream::connect(addr).await.expect("connect"));
-        }
-        // Let the server accept them all.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut extra = TcpStream::connect(addr).await.expect("connect");
-        let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut answer))
-            .await
-            .expect("closed at once");
-        if read.is_ok() {
-            assert!(answer.starts_with(b"HTTP/1.1 503"), "{answer:?}");
-        }
-        drop(idle);
-        // Slots come back once those connections are gone.
-        let mut served = false;
-        for _ in 0..50 {
-            if let Ok((200, _)) =
-                ops_client::request(Method::GET, &addr.to_string(), "/liveness").await
-            {
-                served = true;
-                break;
+    /// A hostile peer: `per_source` connections from each of `sources` (other loopback
+    /// addresses than the probes' 127.0.0.1), each sending half a request line and then one
+    /// header byte every 200 ms, and reconnecting whenever the server closes it. Counts its
+    /// connects in `connects`.
+    fn slowloris(
+        addr: SocketAddr,
+        sources: Vec<IpAddr>,
+        per_source: usize,
+        connects: Arc<std::sync::atomic::AtomicUsize>,
+        stop: CancellationToken,
+    ) {
+        for source in sources {
+            for _ in 0..per_source {
+                let (connects, stop) = (connects.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                        socket
+                            .bind(SocketAddr::new(source, 0))
+                            .expect("bind the source");
+                        let Ok(mut tcp) = socket.connect(addr).await else {
+                            continue;
+                        };
+                        connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let mut sent = tcp.write_all(b"GET /liveness HTTP/1.1\r\nX-").await;
+                        while sent.is_ok() && !stop.is_cancelled() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            sent = tcp.write_all(b"a").await;
+                        }
+                    }
+                });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(served);
+    }
+
+    /// While `slowloris` holds more connections than there are slots, 20 probes in a row from
+    /// 127.0.0.1 each get 200 (within the client's 5 s bound; in practice at once).
+    async fn probes_are_answered_while(sources: Vec<IpAddr>, per_source: usize) {
+        let (addr, stop) = running(state(0)).await;
+        let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hostile = CancellationToken::new();
+        let wanted = sources.len() * per_source;
+        assert!(wanted > MAX_CONNECTIONS);
+        slowloris(addr, sources, per_source, connects.clone(), hostile.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while connects.load(std::sync::atomic::Ordering::SeqCst) < wanted {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hostile peer could not connect"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..20 {
+            let probe = ops_client::request(Method::GET, &addr.to_string(), "/liveness").await;
+            assert!(matches!(probe, Ok((200, _))), "probe {i}: {probe:?}");
+        }
+        hostile.cancel();
         stop.cancel();
     }
 
-    #[test]
-    fn the_busy_answer_is_well_formed() {
-        let text = String::from_utf8_lossy(BUSY_RESPONSE);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
-        assert!(
-            head.contains(&format!("content-length: {}", body.len())),
-            "{text}"
-        );
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_are_answered_while_one_peer_trickles_headers_on_every_slot() {
+        let from: IpAddr = "127.0.0.2".parse().unwrap_or(LOOPBACK);
+        probes_are_answered_while(vec![from], MAX_CONNECTIONS + 16).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_are_answered_while_many_peers_trickle_headers_on_every_slot() {
+        let sources = (0..MAX_CONNECTIONS as u8 + 16)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i + 1)))
+            .collect();
+        probes_are_answered_while(sources, 1).await;
     }
 
     #[tokio::test]
     async fn binding_a_used_address_fails() {
-        let server = AdminServer::bind("127.0.0.1:0").await.expect("bind");
+        let server = AdminServer::bind("127.0.0.1:0", Quit::Here)
+            .await
+            .expect("bind");
         let taken = server.local_addr().to_string();
-        assert!(AdminServer::bind(&taken).await.is_err());
+        assert!(AdminServer::bind(&taken, Quit::Here).await.is_err());
+        let control = ControlListen::Separate(taken.clone());
+        let error = AdminServer::bind_all(Some("127.0.0.1:0"), &control).await;
+        assert!(matches!(error, Err((addr, _)) if addr == taken));
     }
 }

@@ -64,15 +64,29 @@ pub enum Command {
         /// Give up after this long.
         max: Duration,
     },
-    /// `shutdown`: ask the proxy behind the admin endpoint to shut down gracefully.
+    /// `shutdown`: ask the proxy behind the control endpoint to shut down gracefully.
     Shutdown {
-        /// The admin endpoint (`host:port`) of the proxy to stop.
-        admin: String,
+        /// The control endpoint (`host:port`, loopback) of the proxy to stop.
+        control: String,
     },
     /// `injector`: serve the sidecar injector (a mutating admission webhook).
     Injector(InjectorConfig),
     /// `--help` or `--version`: text for stdout, after which the process exits with status 0.
     Help(String),
+}
+
+/// Where the control endpoint (`POST /quitquitquit`, which stops the proxy) is served. Only on
+/// a loopback address: a peer address can't tell who is calling (a service mesh's sidecar
+/// forwards the pod network's traffic from loopback addresses, Istio from 127.0.0.6), but a
+/// listener bound to loopback can't be reached from outside the pod (or the machine) at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlListen {
+    /// No control endpoint: only signals stop the proxy.
+    Off,
+    /// On the admin listener itself, which is bound to a loopback address.
+    OnAdmin,
+    /// On a listener of its own at this loopback `host:port`.
+    Separate(String),
 }
 
 /// The resolved configuration of `redis-entra-proxy injector`.
@@ -130,6 +144,8 @@ pub struct Config {
     pub warm_connections: usize,
     /// Health and metrics HTTP endpoint; `None` when `off`.
     pub admin_listen: Option<String>,
+    /// Where `POST /quitquitquit` is served: never where the pod network can reach it.
+    pub control_listen: ControlListen,
     /// After SIGTERM, keep accepting new connections this long.
     pub shutdown_delay: Duration,
     /// Then, how long live connections may finish before they are closed.
@@ -262,6 +278,9 @@ impl Config {
         }
         let admin = self.admin_listen.as_deref().unwrap_or("off");
         parts.push(format!("admin_listen={admin}"));
+        if let ControlListen::Separate(control) = &self.control_listen {
+            parts.push(format!("control_listen={control}"));
+        }
         if self.max_connections > 0 {
             parts.push(format!("max_connections={}", self.max_connections));
         }
@@ -383,8 +402,8 @@ pub fn parse_from(
                 .duration(&wait.max, WAIT_MAX)?
                 .unwrap_or(DEFAULT_WAIT_MAX),
         }),
-        Some(Sub::Shutdown(admin)) => Ok(Command::Shutdown {
-            admin: admin_endpoint(&admin, &lookup)?,
+        Some(Sub::Shutdown(args)) => Ok(Command::Shutdown {
+            control: control_endpoint(&args, &lookup)?,
         }),
         Some(Sub::Injector(args)) => injector(args, &lookup).map(Command::Injector),
     }
@@ -545,9 +564,9 @@ enum Sub {
     /// Wait until the proxy on --admin-listen is up (GET /startup): run it before an app that
     /// can't use a native sidecar
     Wait(WaitArgs),
-    /// Ask the proxy on --admin-listen to shut down gracefully (POST /quitquitquit), e.g. from a
-    /// preStop hook or a Job's last step
-    Shutdown(AdminArgs),
+    /// Ask the proxy to shut down gracefully (POST /quitquitquit on its control endpoint), e.g.
+    /// from a preStop hook or a Job's last step
+    Shutdown(ShutdownArgs),
     /// Serve the sidecar injector: the mutating admission webhook (HTTPS, POST /mutate) that
     /// adds the proxy as a native sidecar to pods labelled redis-entra-proxy.io/inject=true
     Injector(InjectorArgs),
@@ -583,6 +602,18 @@ struct WaitArgs {
     /// Give up after this long [env: REDIS_PROXY_WAIT_MAX] [default: 30s]
     #[arg(long, value_name = "DUR")]
     max: Option<String>,
+}
+
+/// Options of `shutdown`: where the proxy's control endpoint is.
+#[derive(Debug, Args)]
+struct ShutdownArgs {
+    /// Where the proxy's admin endpoint is (the control endpoint's default follows from it).
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Control endpoint of the proxy [env: REDIS_PROXY_CONTROL_LISTEN] [default: auto, as the
+    /// proxy's]
+    #[arg(long, value_name = "ADDR")]
+    control_listen: Option<String>,
 }
 
 /// Options of `wait` and `shutdown`: where the proxy's admin endpoint is.
@@ -714,6 +745,11 @@ struct OpsArgs {
     /// [default: 127.0.0.1:9090]
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// Loopback address of the control endpoint (POST /quitquitquit), auto or off
+    /// [env: REDIS_PROXY_CONTROL_LISTEN] [default: auto: the admin endpoint when it is on
+    /// loopback, else 127.0.0.1:<admin port + 1>]
+    #[arg(long, value_name = "ADDR")]
+    control_listen: Option<String>,
     /// After SIGTERM, keep accepting new connections this long
     /// [env: REDIS_PROXY_SHUTDOWN_DELAY] [default: 0s]
     #[arg(long, value_name = "DUR")]
@@ -789,6 +825,7 @@ options! {
     MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS", Shown;
     WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS", Shown;
     ADMIN_LISTEN = "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN", Shown;
+    CONTROL_LISTEN = "--control-listen", "REDIS_PROXY_CONTROL_LISTEN", Shown;
     SHUTDOWN_DELAY = "--shutdown-delay", "REDIS_PROXY_SHUTDOWN_DELAY", Shown;
     SHUTDOWN_GRACE = "--shutdown-grace", "REDIS_PROXY_SHUTDOWN_GRACE", Shown;
     LOG_FORMAT = "--log-format", "REDIS_PROXY_LOG_FORMAT", Shown;
@@ -1075,6 +1112,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         ));
     }
     let count = "a number of connections such as 0 or 4";
+    let admin = admin_listen(&ops.admin_listen, lookup)?;
     Ok(Config {
         tls_server_name,
         upstream_host,
@@ -1125,7 +1163,8 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
                 count,
             )?
             .unwrap_or(0),
-        admin_listen: admin_listen(&ops.admin_listen, lookup)?,
+        control_listen: control_listen(&ops.control_listen, lookup, admin.as_deref())?,
+        admin_listen: admin,
         shutdown_delay: lookup
             .duration(&ops.shutdown_delay, SHUTDOWN_DELAY)?
             .unwrap_or(Duration::ZERO),
@@ -1323,6 +1362,73 @@ fn admin_endpoint(args: &AdminArgs, lookup: &Lookup) -> Result<String, ConfigErr
     })
 }
 
+/// `--control-listen`: `auto` (the default), `off`, or a loopback `host:port`. `auto` is the
+/// admin listener itself when that is on loopback (nothing else to open: the default
+/// `127.0.0.1:9090` on a developer machine), else `127.0.0.1:<admin port + 1>` (a pod, whose
+/// admin port must listen on the pod IP for the kubelet), and off when the admin endpoint is.
+fn control_listen(
+    flag: &Option<String>,
+    lookup: &Lookup,
+    admin: Option<&str>,
+) -> Result<ControlListen, ConfigError> {
+    let given = lookup.get(flag, CONTROL_LISTEN);
+    let value = given.as_ref().map(|given| given.value.trim());
+    if value.is_some_and(|v| v.eq_ignore_ascii_case("off")) {
+        return Ok(ControlListen::Off);
+    }
+    let Some(given) = given.filter(|g| !g.value.trim().eq_ignore_ascii_case("auto")) else {
+        let Some(admin) = admin else {
+            return Ok(ControlListen::Off);
+        };
+        if is_loopback(&ListenAddr::Tcp(admin.to_string())) {
+            return Ok(ControlListen::OnAdmin);
+        }
+        return match parse_host_port(admin) {
+            Ok((_, Some(0))) => Ok(ControlListen::Separate("127.0.0.1:0".into())),
+            Ok((_, Some(port))) if port < u16::MAX => {
+                Ok(ControlListen::Separate(format!("127.0.0.1:{}", port + 1)))
+            }
+            _ => Err(ConfigError(format!(
+                "--admin-listen {admin} leaves no port for the control endpoint (the next \
+                 one): set --control-listen (or REDIS_PROXY_CONTROL_LISTEN) to a loopback \
+                 address, e.g. 127.0.0.1:9091"
+            ))),
+        };
+    };
+    let addr = given.parse_or_explain(
+        parse_bind_address,
+        "a loopback host:port, auto or off, e.g. 127.0.0.1:9091",
+    )?;
+    if !is_loopback(&ListenAddr::Tcp(addr.clone())) {
+        return Err(ConfigError(format!(
+            "invalid {} '{}': the control endpoint stops the proxy, so it listens on loopback \
+             only (what the pod network can reach could stop it): use e.g. 127.0.0.1:9091",
+            given.origin, given.value
+        )));
+    }
+    Ok(if admin == Some(addr.as_str()) {
+        ControlListen::OnAdmin
+    } else {
+        ControlListen::Separate(addr)
+    })
+}
+
+/// The control endpoint that `shutdown` talks to, resolved as the proxy resolves it from the
+/// same options, so the same variables serve both; `off` is an error.
+fn control_endpoint(args: &ShutdownArgs, lookup: &Lookup) -> Result<String, ConfigError> {
+    let admin = admin_listen(&args.admin.admin_listen, lookup)?;
+    match control_listen(&args.control_listen, lookup, admin.as_deref())? {
+        ControlListen::Separate(addr) => Ok(addr),
+        ControlListen::OnAdmin => Ok(admin.unwrap_or_default()),
+        ControlListen::Off => Err(ConfigError(
+            "the control endpoint is off, but shutdown talks to it: set --control-listen (or \
+             REDIS_PROXY_CONTROL_LISTEN) to the proxy's control address, e.g. 127.0.0.1:9091, \
+             or --admin-listen to its admin address"
+                .to_string(),
+        )),
+    }
+}
+
 /// A `host:port` to bind (port 0 picks a free port), normalised with IPv6 in brackets.
 pub(crate) fn parse_bind_address(value: &str) -> Result<String, &'static str> {
     match parse_host_port(value)? {
@@ -1333,7 +1439,7 @@ pub(crate) fn parse_bind_address(value: &str) -> Result<String, &'static str> {
 
 /// True when only this machine can reach the listener (a unix socket, localhost, 127.0.0.0/8,
 /// `::1`): the proxy's credentials are then not open to the network.
-fn is_loopback(listen: &ListenAddr) -> bool {
+pub(crate) fn is_loopback(listen: &ListenAddr) -> bool {
     let ListenAddr::Tcp(addr) = listen else {
         return true;
     };
@@ -2609,6 +2715,51 @@ mod tests {
     }
 
     #[test]
+    fn the_control_endpoint_is_on_loopback_only() {
+        let control = |args: &[&str]| config(args, HOST).control_listen;
+        assert_eq!(control(&[]), ControlListen::OnAdmin);
+        assert_eq!(
+            control(&["--admin-listen", "0.0.0.0:9090"]),
+            ControlListen::Separate("127.0.0.1:9091".into())
+        );
+        assert_eq!(
+            control(&["--admin-listen", "[::]:0"]),
+            ControlListen::Separate("127.0.0.1:0".into())
+        );
+        assert_eq!(control(&["--admin-listen", "off"]), ControlListen::Off);
+        assert_eq!(
+            control(&["--admin-listen", "0.0.0.0:9090", "--control-listen", "OFF"]),
+            ControlListen::Off
+        );
+        assert_eq!(
+            control(&[
+                "--admin-listen",
+                "0.0.0.0:9090",
+                "--control-listen",
+                "[::1]:7"
+            ]),
+            ControlListen::Separate("[::1]:7".into())
+        );
+        assert_eq!(
+            control(&["--control-listen", "127.0.0.1:9090"]),
+            ControlListen::OnAdmin
+        );
+        assert_eq!(
+            control(&["--admin-listen", "off", "--control-listen", "localhost:7"]),
+            ControlListen::Separate("localhost:7".into())
+        );
+        let line = error(&["--control-listen", "0.0.0.0:9091"], HOST);
+        assert!(
+            line.contains("invalid --control-listen '0.0.0.0:9091': the control endpoint"),
+            "{line}"
+        );
+        let line = error(&["--admin-listen", "0.0.0.0:65535"], HOST);
+        assert!(line.contains("set --control-listen"), "{line}");
+        let c = config(&["--admin-listen", "0.0.0.0:9090"], HOST);
+        assert!(c.describe().contains("control_listen=127.0.0.1:9091"));
+    }
+
+    #[test]
     fn numbers_and_log_format() {
         let c = config(
             &["--max-connections", "100", "--log-format", "JSON"],
@@ -2715,12 +2866,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            parse(&["shutdown", "--admin-listen", "localhost:9999"], &[]),
-            Ok(Command::Shutdown { admin }) if admin == "localhost:9999"
-        ));
+        let shutdown = |args: &[&str], vars: &[(&str, &str)]| match parse(args, vars) {
+            Ok(Command::Shutdown { control }) => control,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            shutdown(&["shutdown", "--admin-listen", "localhost:9999"], &[]),
+            "localhost:9999"
+        );
+        // The control endpoint is found from the same variables as the proxy finds it.
+        let pod = [("REDIS_PROXY_ADMIN_LISTEN", "0.0.0.0:9090")];
+        assert_eq!(shutdown(&["shutdown"], &pod), "127.0.0.1:9091");
+        assert_eq!(
+            shutdown(&["shutdown", "--control-listen", "127.0.0.1:7"], &pod),
+            "127.0.0.1:7"
+        );
         let line = error(&["shutdown"], &[("REDIS_PROXY_ADMIN_LISTEN", "off")]);
-        assert!(line.contains("--admin-listen"), "{line}");
+        assert!(line.contains("--control-listen"), "{line}");
         assert!(error(&["wait", "--max", "forever"], &[]).contains("invalid --max 'forever'"));
     }
 

@@ -13,7 +13,8 @@
 //! * [`server`]: the listener that accepts applications and starts one relay per client.
 //! * [`check`]: the `check` subcommand that runs the whole path once.
 //! * [`metrics`], [`health`], [`shutdown`]: what operators see and how the process stops.
-//! * [`admin`]: the HTTP endpoint on `--admin-listen` (probes, `/metrics`, `/quitquitquit`).
+//! * [`admin`]: the HTTP endpoint on `--admin-listen` (probes, `/metrics`, `/quitquitquit`);
+//!   its connection slots (shared with the injector) evict rather than refuse (`slots`).
 //! * [`ops_client`]: the `wait` and `shutdown` subcommands, clients of that endpoint.
 //! * [`injector`]: the `injector` subcommand, the mutating admission webhook that adds the
 //!   proxy to labelled pods as a native sidecar (options, validation, JSON Patch, HTTPS server).
@@ -34,4 +35,5 @@ pub mod resp;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+mod slots;
 pub mod upstream;

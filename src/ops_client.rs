@@ -3,7 +3,8 @@
 //!
 //! * `wait` polls `GET /startup` until it answers 200 (an init container in front of an app
 //!   that can't use a native sidecar), giving up after `--max`.
-//! * `shutdown` sends `POST /quitquitquit` (a `preStop` hook, or a Job's last step).
+//! * `shutdown` sends `POST /quitquitquit` to the control endpoint (a `preStop` hook, or a
+//!   Job's last step), which listens on loopback only (see [`crate::admin`]).
 //!
 //! Plain hyper over one TCP connection per request rather than reqwest: the admin endpoint is
 //! plain HTTP on (usually) loopback, so no TLS stack is needed, and reqwest would honour
@@ -53,12 +54,13 @@ pub async fn wait(admin: &str, max: Duration) -> Result<Duration, String> {
     }
 }
 
-/// Sends `POST /quitquitquit` to `admin`: `Ok` on 200, else a message saying what happened.
-pub async fn shutdown(admin: &str) -> Result<(), String> {
-    match request(Method::POST, admin, "/quitquitquit").await {
+/// Sends `POST /quitquitquit` to the control endpoint `control`: `Ok` on 200, else a message
+/// saying what happened.
+pub async fn shutdown(control: &str) -> Result<(), String> {
+    match request(Method::POST, control, "/quitquitquit").await {
         Ok((200, _)) => Ok(()),
         Ok((status, body)) => Err(format!(
-            "the admin endpoint at {admin} answered POST /quitquitquit with {status} {}",
+            "the control endpoint at {control} answered POST /quitquitquit with {status} {}",
             one_line(&body)
         )),
         Err(error) => Err(error),

@@ -77,17 +77,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     ));
     let upstream = Upstream::new(&config)?;
     let shutdown = Shutdown::new();
-    let admin = match &config.admin_listen {
-        Some(addr) => Some(
-            AdminServer::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: addr.clone(),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
+    let admin = AdminServer::bind_all(config.admin_listen.as_deref(), &config.control_listen)
+        .await
+        .map_err(|(addr, source)| ServerError::Bind { addr, source })?;
     let listener = bind(&config.listen).await?;
     let connector = Arc::new(Connector {
         upstream,
@@ -122,14 +114,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         next_id: AtomicU64::new(1),
     });
     tokio::spawn(startup_probe(shared.clone(), stop_background.clone()));
-    if let Some(admin) = admin {
-        let state = AdminState {
-            metrics: shared.metrics.clone(),
-            health: shared.health.clone(),
-            shutdown: shutdown.clone(),
-        };
+    let state = AdminState {
+        metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
+        shutdown: shutdown.clone(),
+    };
+    for admin in admin {
         // Served until the last connection has gone: liveness and metrics stay up meanwhile.
-        tokio::spawn(admin.serve(state, stop_background.clone()));
+        tokio::spawn(admin.serve(state.clone(), stop_background.clone()));
     }
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();

@@ -8,19 +8,25 @@
 //!   `REDIS_ENTRA_PROXY_BLESS=1` to rewrite the golden files after an intended change, then
 //!   read the diff.
 //! * The real binary over HTTPS: reviews, `/healthz`, certificate rotation, bad start-up
-//!   configuration (exit 2), SIGTERM (exit 0).
+//!   configuration (exit 2), SIGTERM (exit 0); and its bounds: a body that never finishes is
+//!   cut off, a peer holding every connection slot doesn't keep reviews out, many large
+//!   reviews at once stay within the memory bound.
 //! * End to end: the injected sidecar's own `args` and `env`, with only what must point at the
 //!   local test world substituted, run as the real proxy in front of a real Redis.
 
 mod support;
 
 use base64::Engine;
-use redis_entra_proxy::injector::review;
 use redis_entra_proxy::injector::sidecar::Options;
+use redis_entra_proxy::injector::{self as injector_lib, review};
 use serde_json::{Value, json};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use support::{ProxyProcess, Setup, TestPki, http_request, run_to_end, wait_until_async};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where the fixtures are.
 fn fixtures() -> PathBuf {
@@ -171,7 +177,9 @@ fn a_plain_labelled_pod_gets_the_sidecar_first_among_new_init_containers() {
             "--admin-listen",
             "0.0.0.0:9090",
             "--log-format",
-            "json"
+            "json",
+            "--max-connections",
+            "56"
         ])
     );
     assert!(sidecar.get("env").is_none());
@@ -200,6 +208,7 @@ fn every_annotation_overrides_the_defaults_and_existing_lists_are_added_into() {
         ("--admin-listen", "0.0.0.0:9191"),
         ("--log-format", "text"),
         ("--database", "3"),
+        ("--max-connections", "200"),
         (
             "--access-key-file",
             "/var/run/secrets/redis-entra-proxy/access-key",
@@ -230,7 +239,7 @@ fn every_annotation_overrides_the_defaults_and_existing_lists_are_added_into() {
         json!({"name": "redis-entra-proxy-access-key", "secret": {
             "secretName": "shop-cache-keys",
             "items": [{"key": "primary-key", "path": "access-key"}],
-            "defaultMode": 0o440
+            "defaultMode": 0o444
         }})
     );
     // The pod's other annotations are kept.
@@ -248,7 +257,7 @@ fn an_access_key_secret_on_a_pod_without_volumes_creates_the_volume_list() {
         json!([{"name": "redis-entra-proxy-access-key", "secret": {
             "secretName": "shop-cache-keys",
             "items": [{"key": "access-key", "path": "access-key"}],
-            "defaultMode": 288
+            "defaultMode": 0o444
         }}])
     );
     assert_eq!(
@@ -256,6 +265,62 @@ fn an_access_key_secret_on_a_pod_without_volumes_creates_the_volume_list() {
         json!([{"name": "redis-entra-proxy-access-key",
                 "mountPath": "/var/run/secrets/redis-entra-proxy", "readOnly": true}])
     );
+}
+
+/// Pods whose own securityContext sets other users and groups (with and without an fsGroup):
+/// the sidecar keeps its own user and group, the pod's securityContext is not touched (it
+/// decides what every container's groups are), and the key file is readable by anyone who
+/// mounts it, which only the sidecar does. `tests/k8s` checks the file's mode, owner and group
+/// against Kubernetes' volume rules for every golden pod, these two included.
+#[test]
+fn a_pod_with_its_own_users_and_groups_gets_a_sidecar_that_can_read_its_key() {
+    for name in ["hostile-groups", "hostile-fsgroup"] {
+        let original = review_json(name)["request"]["object"].clone();
+        let pod = inject(name, &chart_defaults());
+        assert_eq!(
+            pod["spec"]["securityContext"], original["spec"]["securityContext"],
+            "{name}"
+        );
+        let sidecar = sidecars(&pod)[0];
+        assert_eq!(sidecar["securityContext"]["runAsUser"], 65532, "{name}");
+        assert_eq!(sidecar["securityContext"]["runAsGroup"], 65532, "{name}");
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .and_then(|v| {
+                v.iter()
+                    .find(|v| v["name"] == "redis-entra-proxy-access-key")
+            })
+            .expect("the key's volume");
+        assert_eq!(volume["secret"]["defaultMode"], 0o444, "{name}");
+        assert_eq!(
+            pod["spec"]["containers"], original["spec"]["containers"],
+            "{name}"
+        );
+    }
+}
+
+/// Without the annotation, `--max-connections` follows the sidecar's memory limit: what the
+/// limit holds if every connection costs the worst case measured with `bench/` (see
+/// `max_connections_for`).
+#[test]
+fn the_default_connection_limit_follows_the_memory_limit() {
+    let defaults = chart_defaults();
+    for (limit, expected) in [("128Mi", "56"), ("512Mi", "248")] {
+        let mut review = review_json("plain");
+        review["request"]["object"]["metadata"]["annotations"] =
+            json!({"redis-entra-proxy.io/memory-limit": limit});
+        let (response, _) =
+            review::answer(&serde_json::to_vec(&review).expect("JSON"), &defaults).expect("ok");
+        let pod = applied(
+            &review["request"]["object"],
+            &patch_of(&response["response"]),
+        );
+        assert_eq!(
+            arg(sidecars(&pod)[0], "--max-connections"),
+            Some(expected),
+            "{limit}"
+        );
+    }
 }
 
 #[test]
@@ -300,7 +365,7 @@ fn bad_annotation_values_are_refused_with_the_annotation_the_value_and_what_is_e
         ),
         (
             "bad-admin-port",
-            "redis-entra-proxy.io/admin-port: \"70000\" is not a port number (1..=65535)",
+            "redis-entra-proxy.io/admin-port: \"70000\" is not a port number (1..=65534",
         ),
         (
             "bad-access-key-secret",
@@ -316,6 +381,41 @@ fn bad_annotation_values_are_refused_with_the_annotation_the_value_and_what_is_e
         let response = answer(name, &chart_defaults());
         assert_refused(&response, start);
     }
+}
+
+/// Pods whose sidecar could not start, or would be open to others, are refused with a message
+/// that says what to do instead: a unix socket (the sidecar has a read-only root filesystem
+/// and no volume shared with the app), a listener on the pod network without a password, a
+/// host-network pod (the node's loopback is shared by every such pod).
+#[test]
+fn pods_whose_sidecar_could_not_start_or_would_be_open_are_refused() {
+    let cases = [
+        (
+            "unix-listen",
+            "redis-entra-proxy.io/listen: \"unix:/var/run/redis/redis.sock\" is a unix socket, \
+             which an injected sidecar can't offer",
+        ),
+        (
+            "open-listen",
+            "redis-entra-proxy.io/listen: \"0.0.0.0:6379\" is reachable from the pod network",
+        ),
+        ("host-network", "the pod has hostNetwork: true"),
+    ];
+    for (name, start) in cases {
+        assert_refused(&answer(name, &chart_defaults()), start);
+    }
+}
+
+#[test]
+fn a_listener_on_the_pod_network_takes_its_password_from_a_secret() {
+    let pod = inject("pod-network-listen", &chart_defaults());
+    let sidecar = sidecars(&pod)[0];
+    assert_eq!(arg(sidecar, "--listen"), Some("0.0.0.0:6379"));
+    assert_eq!(
+        sidecar["env"],
+        json!([{"name": "REDIS_PROXY_LISTEN_PASSWORD", "valueFrom": {
+            "secretKeyRef": {"name": "redis-listen", "key": "password"}}}])
+    );
 }
 
 /// Asserts `allowed: false`, code 400, no patch, and a message starting with `start`.
@@ -375,7 +475,7 @@ fn every_golden_pod_is_a_complete_v1_pod() {
         assert!(pod["spec"]["containers"].is_array(), "{}", path.display());
         seen += 1;
     }
-    assert_eq!(seen, 3);
+    assert_eq!(seen, 6);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -504,6 +604,180 @@ async fn the_binary_answers_reviews_over_https_and_exits_0_on_sigterm() {
         injector.process.output()
     );
     assert!(injector.process.output_contains("injector stopped"));
+}
+
+/// The peak resident memory (`VmHWM`) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+/// A review of the plain pod padded with an unrelated annotation to `size` bytes of JSON.
+fn padded_review(size: usize) -> Vec<u8> {
+    let mut review = review_json("plain");
+    let base = serde_json::to_vec(&review).expect("JSON").len();
+    let pad = "x".repeat(size.saturating_sub(base + 40));
+    review["request"]["object"]["metadata"]["annotations"] = json!({"example.com/blob": pad});
+    serde_json::to_vec(&review).expect("JSON")
+}
+
+/// Sends the head of `POST /mutate` declaring `length` bytes and `sent` of them, on a TLS
+/// connection of its own, and keeps it open without sending more.
+async fn stalled_body(injector: &Injector, length: usize, sent: usize) -> impl AsyncReadExt {
+    let port = injector.process.addr().port();
+    let mut tls = injector.pki.connect(port).await.expect("TLS");
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {length}\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.expect("head");
+    tls.write_all(&vec![b' '; sent])
+        .await
+        .expect("part of the body");
+    tls.flush().await.expect("flush");
+    tls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_finishes_is_cut_off_and_gives_back_its_share() {
+    let injector = Injector::start().await;
+    // More declared bytes than the read budget: while they stall, other reviews wait for it.
+    let count = injector_lib::READ_BUDGET / injector_lib::MAX_BODY + 1;
+    let mut stalled = Vec::new();
+    for _ in 0..count {
+        stalled.push(stalled_body(&injector, injector_lib::MAX_BODY, 10).await);
+    }
+    let started = Instant::now();
+    let bound = injector_lib::BODY_READ_TIMEOUT + Duration::from_secs(5);
+    for mut client in stalled {
+        let mut answer = Vec::new();
+        let left = bound.saturating_sub(started.elapsed());
+        let read = tokio::time::timeout(left, client.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "still open after {:?}", started.elapsed());
+        let answer = String::from_utf8_lossy(&answer);
+        // 408, or 503 for the one that found the budget taken by the others.
+        assert!(
+            answer.is_empty()
+                || answer.starts_with("HTTP/1.1 408")
+                || answer.starts_with("HTTP/1.1 503"),
+            "{answer}"
+        );
+    }
+    // Their shares of the budget came back: a review is answered.
+    let response = injector.post_review("plain").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_every_connection_slot_does_not_keep_reviews_out() {
+    let injector = Injector::start().await;
+    let addr = injector.process.addr();
+    let connects = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let wanted = injector_lib::MAX_CONNECTIONS + 16;
+    // From another loopback address, connections that never start their TLS handshake,
+    // reopened as soon as the injector closes them.
+    for _ in 0..wanted {
+        let (connects, stop) = (connects.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                let from: IpAddr = "127.0.0.2".parse().expect("address");
+                socket
+                    .bind(SocketAddr::new(from, 0))
+                    .expect("bind the source");
+                let Ok(mut tcp) = socket.connect(addr).await else {
+                    continue;
+                };
+                connects.fetch_add(1, Ordering::SeqCst);
+                let mut sink = [0u8; 64];
+                tokio::select! {
+                    _ = tcp.read(&mut sink) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+        });
+    }
+    let held = wait_until_async(Duration::from_secs(10), || async {
+        connects.load(Ordering::SeqCst) >= wanted
+    })
+    .await;
+    assert!(held, "the hostile peer could not connect");
+    for _ in 0..5 {
+        let response = injector.post_review("plain").await;
+        assert_eq!(response.status, 200, "{}", response.body);
+    }
+    stop.cancel();
+}
+
+/// A review of the plain pod whose app container has as many environment variables as fit
+/// in `size` bytes of JSON: the heaviest shape a Pod takes when parsed (about 20 times its
+/// size).
+fn env_heavy_review(size: usize) -> Vec<u8> {
+    let mut review = review_json("plain");
+    let base = serde_json::to_vec(&review).expect("JSON").len();
+    let item = json!({"name": "ENV_VAR", "value": "some-value-1"});
+    let each = serde_json::to_vec(&item).expect("JSON").len() + 1;
+    let env = vec![item; size.saturating_sub(base + 100) / each];
+    review["request"]["object"]["spec"]["containers"][0]["env"] = json!(env);
+    serde_json::to_vec(&review).expect("JSON")
+}
+
+/// Posts `body` `count` times at once to a fresh injector; every answer must be 200 or 503
+/// (busy), and at least one 200. Returns how much the injector's peak RSS grew, in bytes.
+async fn peak_growth_of(body: Vec<u8>, count: usize) -> u64 {
+    let injector = Arc::new(Injector::start().await);
+    let _ = injector.post_review("plain").await;
+    let pid = injector.process.pid();
+    let baseline = peak_rss(pid);
+    let mut clients = Vec::new();
+    for _ in 0..count {
+        let (body, injector) = (body.clone(), injector.clone());
+        clients.push(tokio::spawn(async move {
+            let (url, body) = (injector.url("/mutate"), Some(("application/json", body)));
+            let pki = Some(&injector.pki);
+            http_request("POST", &url, &[], body, pki, Duration::from_secs(30)).await
+        }));
+    }
+    let mut answered = 0;
+    for client in clients {
+        match client.await.expect("client task") {
+            Ok(r) if r.status == 200 => answered += 1,
+            Ok(r) => assert_eq!(r.status, 503, "{}", r.body),
+            Err(error) => panic!("no answer: {error}"),
+        }
+    }
+    assert!(answered > 0, "every review was turned away");
+    peak_rss(pid).saturating_sub(baseline)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_large_reviews_at_once_stay_within_the_memory_bound() {
+    // Bodies dominate: at most READ_BUDGET of them are read at once, one parsed at a time.
+    let grew = peak_growth_of(padded_review(injector_lib::MAX_BODY - 1024), 32).await;
+    eprintln!(
+        "32 string-heavy reviews of 3 MiB: peak RSS grew by {} KiB",
+        grew >> 10
+    );
+    let expected = injector_lib::READ_BUDGET + 8 * injector_lib::MAX_BODY;
+    assert!(
+        grew < expected as u64,
+        "peak RSS grew by {} MiB",
+        grew >> 20
+    );
+    // Parsing dominates: what one parse takes is reused by the next, never held twice.
+    let grew = peak_growth_of(env_heavy_review(injector_lib::MAX_BODY - 1024), 8).await;
+    eprintln!(
+        "8 env-heavy reviews of 3 MiB: peak RSS grew by {} KiB",
+        grew >> 10
+    );
+    let bound = injector_lib::MEMORY_BOUND as u64;
+    assert!(grew < bound, "peak RSS grew by {} MiB", grew >> 20);
 }
 
 #[tokio::test]

@@ -14,6 +14,8 @@
 //! * Shutdown: SIGTERM or `POST /quitquitquit` with a live connection; `--shutdown-delay`;
 //!   `--shutdown-grace` running out; a second signal.
 //! * `redis-entra-proxy wait` / `shutdown` against a running proxy, and without one.
+//! * The control endpoint: with the admin port on every address (a pod), `/quitquitquit` is
+//!   served only on the loopback control listener, never to a web page.
 //! * `--log-format json`: every line is a JSON object with a message.
 
 mod support;
@@ -830,6 +832,48 @@ async fn wait_returns_once_the_proxy_is_up_and_shutdown_stops_it() {
     let gone = run_to_end(&["shutdown", "--admin-listen", &admin_addr], &[]).await;
     assert_eq!(gone.code(), Some(1), "{}", gone.all());
     assert!(gone.stderr.contains("cannot connect"), "{}", gone.all());
+}
+
+/// In a pod the admin port listens on every address, for the kubelet. A `POST /quitquitquit`
+/// arriving there, even from a loopback peer (as a service mesh's sidecar forwards the pod
+/// network's traffic), does not stop the proxy; the loopback control endpoint does, though not
+/// for a web page, and `redis-entra-proxy shutdown` finds it from the same variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_pod_wide_admin_port_only_the_loopback_control_endpoint_stops_the_proxy() {
+    let setup = Setup::access_key().await;
+    let admin_env = format!("0.0.0.0:{}", free_port());
+    let control_env = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("REDIS_PROXY_ADMIN_LISTEN", admin_env.as_str()),
+        ("REDIS_PROXY_CONTROL_LISTEN", control_env.as_str()),
+    ];
+    let mut proxy = setup.start_proxy_with(&[], &env).await;
+    let wide = proxy.wait_admin_addr(ADMIN_UP).await;
+    let at: SocketAddr = format!("127.0.0.1:{}", wide.port())
+        .parse()
+        .expect("address");
+    wait_status(&proxy, at, "/startup", 200, Duration::from_secs(10)).await;
+    let refused = admin(&proxy, "POST", at, "/quitquitquit").await;
+    assert_eq!(refused.status, 403, "{:?}", refused.body);
+    assert!(refused.body.contains(&control_env), "{:?}", refused.body);
+    let control = proxy.control_addr().expect("a control listening line");
+    assert_eq!(control.to_string(), control_env);
+    let url = format!("http://{control}/quitquitquit");
+    for header in [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = http_request("POST", &url, &[header], None, None, Duration::from_secs(5)).await;
+        assert_eq!(r.map(|r| r.status), Ok(403), "{header:?}");
+    }
+    expect_get(&proxy, at, "/readiness", 200).await;
+    expect_get(&proxy, control, "/readiness", 200).await;
+    assert!(proxy.is_running());
+
+    let stopped = run_to_end(&["shutdown"], &env).await;
+    assert_eq!(stopped.code(), Some(0), "{}", stopped.all());
+    assert!(stopped.stdout.contains(&control_env), "{}", stopped.all());
+    assert_exits_cleanly(&mut proxy, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

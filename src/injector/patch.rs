@@ -65,9 +65,28 @@ fn is_injected(spec: &Map<String, Value>, annotations: &Map<String, Value>) -> b
             .any(|container| container.get("name").and_then(Value::as_str) == Some(CONTAINER_NAME))
 }
 
-/// What the API server would refuse, or what would make the sidecar crash-loop: a volume
-/// already named like ours, or an app container declaring a port the sidecar binds.
+/// What the API server would refuse, or what would make the sidecar crash-loop or expose it:
+/// `hostNetwork` (the sidecar would bind the node's own loopback, shared with every other
+/// host-network pod on the node), a volume already named like ours, a container mounting a
+/// volume of that name (it would see the access key, which only the sidecar may read), or an
+/// app container declaring a port the sidecar binds.
 fn check_conflicts(spec: &Map<String, Value>, options: &Options) -> Result<(), String> {
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Err(format!(
+            "the pod has hostNetwork: true, so its redis-entra-proxy sidecar would listen on the \
+             node's own network ({} and the admin ports {}), shared with every host-network \
+             pod on the node: a second such pod's sidecar could not start, and any process on \
+             the node could use this one's credentials. Run the pod without hostNetwork, or \
+             reach the cache through the chart's gateway mode (a Deployment and a Service with \
+             a listen password) instead of a sidecar",
+            options.listen,
+            options.ports()[..2]
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join("/")
+        ));
+    }
     if options.volume().is_some()
         && array_at(spec, "volumes")
             .any(|volume| volume.get("name").and_then(Value::as_str) == Some(ACCESS_KEY_VOLUME))
@@ -75,6 +94,24 @@ fn check_conflicts(spec: &Map<String, Value>, options: &Options) -> Result<(), S
         return Err(format!(
             "the pod already has a volume named {ACCESS_KEY_VOLUME}, which the injector adds \
              for redis-entra-proxy.io/access-key-secret: rename it"
+        ));
+    }
+    let mounting = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| array_at(spec, list))
+        .find(|container| {
+            let mounts = container.get("volumeMounts").and_then(Value::as_array);
+            mounts
+                .into_iter()
+                .flatten()
+                .any(|mount| mount.get("name").and_then(Value::as_str) == Some(ACCESS_KEY_VOLUME))
+        });
+    if let Some(container) = mounting {
+        let name = container.get("name").and_then(Value::as_str).unwrap_or("?");
+        return Err(format!(
+            "container {name:?} mounts a volume named {ACCESS_KEY_VOLUME}, the name of the \
+             volume that holds the sidecar's access key: only the sidecar may mount it; rename \
+             the mount"
         ));
     }
     let sidecar_ports = options.ports();
@@ -270,6 +307,30 @@ mod tests {
             decide(&pod(metadata, spec), &defaults()),
             Decision::Deny(_)
         ));
+        let spec = json!({"hostNetwork": true, "containers": [{"name": "app"}]});
+        let Decision::Deny(message) = decide(&pod(labelled(), spec), &defaults()) else {
+            panic!("a host-network pod admitted");
+        };
+        assert!(
+            message.starts_with("the pod has hostNetwork: true"),
+            "{message}"
+        );
+        assert!(message.contains("9090/9091"), "{message}");
+        let spec = json!({"hostNetwork": false, "containers": [{"name": "app"}]});
+        assert!(matches!(
+            decide(&pod(labelled(), spec), &defaults()),
+            Decision::Patch(_)
+        ));
+        // Another container mounting the key's volume name would see the key.
+        let spec = json!({"containers": [{"name": "app",
+            "volumeMounts": [{"name": ACCESS_KEY_VOLUME, "mountPath": "/k"}]}]});
+        let Decision::Deny(message) = decide(&pod(labelled(), spec), &defaults()) else {
+            panic!("a mount of the key's volume admitted");
+        };
+        assert!(
+            message.contains("only the sidecar may mount it"),
+            "{message}"
+        );
         assert!(matches!(
             decide(&json!("pod"), &defaults()),
             Decision::Deny(_)

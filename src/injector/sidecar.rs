@@ -11,7 +11,7 @@
 //! Errors quote the offending value: annotations and chart values hold no secrets (the access
 //! key stays in its Kubernetes Secret; only the Secret's *name* is an option).
 
-use crate::config::{parse_bind_address, parse_host_port};
+use crate::config::{ListenAddr, is_loopback, parse_bind_address, parse_host_port};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -32,10 +32,29 @@ pub const ACCESS_KEY_DIR: &str = "/var/run/secrets/redis-entra-proxy";
 const ACCESS_KEY_FILE_NAME: &str = "access-key";
 /// The Secret key used when `access-key-secret` names only the Secret.
 const DEFAULT_SECRET_KEY: &str = "access-key";
+/// The Secret key used when `listen-password-secret` names only the Secret (the gateway
+/// mode's default key too).
+const DEFAULT_PASSWORD_KEY: &str = "password";
 /// The admin port's name, which the probes refer to.
 pub const ADMIN_PORT_NAME: &str = "proxy-admin";
 /// The sidecar's user and group: the distroless `nonroot` user, so `runAsNonRoot` holds.
 const RUN_AS: u32 = 65532;
+/// What one client connection can cost the proxy at most, for the default `--max-connections`
+/// derived from the sidecar's memory limit. Measured with `bench/run.sh --only worst`: 1.62 to
+/// 1.65 MiB of RSS per connection holding a 1 MiB command the proxy must inspect, 16,384
+/// pipelined commands and unread replies of a large value (50 and 100 connections); rounded up.
+pub const CONNECTION_WORST_CASE: u64 = 2 * 1024 * 1024;
+/// What the proxy itself needs besides its connections (measured 8.6 to 8.9 MiB of RSS at
+/// rest), with room for the warm pool, the metrics and the allocator.
+pub const PROCESS_RESERVE: u64 = 16 * 1024 * 1024;
+
+/// The `--max-connections` that keeps the proxy under `memory_limit` bytes even if every client
+/// connection costs [`CONNECTION_WORST_CASE`]: `(limit - reserve) / worst case`, at least 1.
+/// The chart's gateway template computes the same (`rep.maxConnections`).
+pub fn max_connections_for(memory_limit: u64) -> u64 {
+    (memory_limit.saturating_sub(PROCESS_RESERVE) / CONNECTION_WORST_CASE).max(1)
+}
+
 /// The image used when neither the chart nor the pod names one: this very version.
 pub const DEFAULT_IMAGE: &str = concat!(
     "ghcr.io/redis-entra-proxy/redis-entra-proxy:",
@@ -73,8 +92,14 @@ pub struct Options {
     pub auth: String,
     /// The Secret key mounted as `--access-key-file`, when set.
     pub access_key_secret: Option<SecretRef>,
+    /// The Secret key given as `REDIS_PROXY_LISTEN_PASSWORD`, when set: required when `listen`
+    /// is not a loopback address.
+    pub listen_password_secret: Option<SecretRef>,
     /// `--database`, passed when not 0.
     pub database: u32,
+    /// `--max-connections` when set (0: no limit); `None`: derived from the memory limit
+    /// ([`Options::max_connections`]).
+    pub max_connections: Option<u64>,
     /// The admin port: `--admin-listen 0.0.0.0:PORT`, the container port and the probes'.
     pub admin_port: u16,
     /// `--log-format`.
@@ -97,7 +122,9 @@ pub struct DefaultsFile {
     listen: Option<Scalar>,
     auth: Option<Scalar>,
     access_key_secret: Option<Scalar>,
+    listen_password_secret: Option<Scalar>,
     database: Option<Scalar>,
+    max_connections: Option<Scalar>,
     admin_port: Option<Scalar>,
     log_format: Option<Scalar>,
     image: Option<Scalar>,
@@ -173,9 +200,19 @@ const FIELDS: &[Field] = &[
         set: set_access_key_secret,
     },
     Field {
+        annotation: "listen-password-secret",
+        file_field: "listenPasswordSecret",
+        set: set_listen_password_secret,
+    },
+    Field {
         annotation: "database",
         file_field: "database",
         set: set_database,
+    },
+    Field {
+        annotation: "max-connections",
+        file_field: "maxConnections",
+        set: set_max_connections,
     },
     Field {
         annotation: "admin-port",
@@ -229,7 +266,9 @@ impl Default for Options {
             listen: "127.0.0.1:6379".into(),
             auth: "auto".into(),
             access_key_secret: None,
+            listen_password_secret: None,
             database: 0,
+            max_connections: None,
             admin_port: 9090,
             log_format: "json".into(),
             image: DEFAULT_IMAGE.into(),
@@ -254,7 +293,9 @@ impl Options {
             &file.listen,
             &file.auth,
             &file.access_key_secret,
+            &file.listen_password_secret,
             &file.database,
+            &file.max_connections,
             &file.admin_port,
             &file.log_format,
             &file.image,
@@ -317,11 +358,23 @@ impl Options {
                  to the Secret holding it (NAME or NAME/KEY)"
             ));
         }
-        if listen_port(&self.listen) == Some(self.admin_port) {
+        if listen_port(&self.listen).is_some_and(|port| self.admin_ports().contains(&port)) {
             return Err(format!(
-                "{PREFIX}listen: {:?} uses the admin port {}: set {PREFIX}admin-port or \
-                 {PREFIX}listen to another port",
+                "{PREFIX}listen: {:?} uses the admin port {} or the control port next to it: \
+                 set {PREFIX}admin-port or {PREFIX}listen to another port",
                 self.listen, self.admin_port
+            ));
+        }
+        if self.listen_password_secret.is_none()
+            && !is_loopback(&ListenAddr::Tcp(self.listen.clone()))
+        {
+            return Err(format!(
+                "{PREFIX}listen: {:?} is reachable from the pod network, and whoever reaches it \
+                 uses the proxy's credentials: set {PREFIX}listen-password-secret (or the chart \
+                 value injector.defaults.listenPasswordSecret) to the Secret holding the \
+                 password clients must AUTH with (NAME or NAME/KEY, KEY defaults to \
+                 {DEFAULT_PASSWORD_KEY}), or listen on 127.0.0.1",
+                self.listen
             ));
         }
         self.resources.check()
@@ -343,6 +396,10 @@ impl Options {
         ];
         if self.database != 0 {
             args.extend(["--database".into(), self.database.to_string()]);
+        }
+        let max_connections = self.max_connections();
+        if max_connections != 0 {
+            args.extend(["--max-connections".into(), max_connections.to_string()]);
         }
         if self.access_key_secret.is_some() {
             args.extend([
@@ -390,11 +447,18 @@ impl Options {
                 "seccompProfile": {"type": "RuntimeDefault"}
             }
         });
+        let mut env = Vec::new();
         if let Some(client_id) = &self.client_id {
-            extend(
-                &mut container,
-                json!({"env": [{"name": "AZURE_REDIS_CLIENTID", "value": client_id}]}),
-            );
+            env.push(json!({"name": "AZURE_REDIS_CLIENTID", "value": client_id}));
+        }
+        if let Some(secret) = &self.listen_password_secret {
+            // From the Secret at container start: the password is never in the pod spec.
+            env.push(json!({"name": "REDIS_PROXY_LISTEN_PASSWORD", "valueFrom": {
+                "secretKeyRef": {"name": secret.name, "key": secret.key}
+            }}));
+        }
+        if !env.is_empty() {
+            extend(&mut container, json!({ "env": env }));
         }
         if self.access_key_secret.is_some() {
             extend(
@@ -410,7 +474,17 @@ impl Options {
     }
 
     /// The pod volume with the access key, when one is configured: only the one key, as a
-    /// file named `access-key`, readable by the sidecar's group (0440, octal).
+    /// file named `access-key`, mode 0444 (octal).
+    ///
+    /// Why 0444: a Secret volume's files belong to root, and to group root unless the pod sets
+    /// `fsGroup` (then to that group, with the group read bit added). The sidecar runs as
+    /// 65532:65532, so a 0440 file is unreadable in every pod without `fsGroup`, and setting
+    /// `fsGroup` (or `supplementalGroups`) ourselves would change the groups of every
+    /// container in the pod and the ownership of the pod's other volumes. The other bits need
+    /// no group at all, whatever the pod's securityContext says; and they let no other
+    /// container read the key, because a volume's files are visible only in the containers
+    /// that mount it, and only the sidecar mounts this one (the injector refuses a pod whose
+    /// containers mount a volume of this name).
     pub fn volume(&self) -> Option<Value> {
         let secret = self.access_key_secret.as_ref()?;
         Some(json!({
@@ -418,16 +492,33 @@ impl Options {
             "secret": {
                 "secretName": secret.name,
                 "items": [{"key": secret.key, "path": ACCESS_KEY_FILE_NAME}],
-                "defaultMode": 0o440
+                "defaultMode": 0o444
             }
         }))
     }
 
-    /// The TCP ports the sidecar binds (listen, admin), to compare with the app's ports.
+    /// The sidecar's `--max-connections` (0: no limit): the annotation's or the chart's value,
+    /// else what the memory limit allows ([`max_connections_for`]), else no limit.
+    pub fn max_connections(&self) -> u64 {
+        self.max_connections.unwrap_or_else(|| {
+            let limit = self.resources.limits.get("memory");
+            limit
+                .and_then(|quantity| quantity_value(quantity))
+                .map_or(0, |bytes| max_connections_for(bytes as u64))
+        })
+    }
+
+    /// The TCP ports the sidecar binds (admin, control, listen), to compare with the app's.
     pub fn ports(&self) -> Vec<u16> {
-        let mut ports = vec![self.admin_port];
+        let mut ports = self.admin_ports().to_vec();
         ports.extend(listen_port(&self.listen));
         ports
+    }
+
+    /// The admin port (on every address, for the kubelet) and the control port next to it (on
+    /// 127.0.0.1: the proxy's `--control-listen auto` for a non-loopback admin address).
+    fn admin_ports(&self) -> [u16; 2] {
+        [self.admin_port, self.admin_port.saturating_add(1)]
     }
 }
 
@@ -568,14 +659,18 @@ fn set_client_id(options: &mut Options, value: &str) -> Result<(), String> {
 }
 
 fn set_listen(options: &mut Options, value: &str) -> Result<(), String> {
-    let valid = match value.strip_prefix("unix:") {
-        Some(path) => path.starts_with('/') && !path.contains(char::is_whitespace),
-        None => parse_bind_address(value).is_ok() && listen_port(value).is_some_and(|p| p != 0),
-    };
-    if !valid {
+    if value.starts_with("unix:") {
         return Err(
-            "is not a listen address: expected host:port (e.g. 127.0.0.1:6379) or \
-             unix:/absolute/path"
+            "is a unix socket, which an injected sidecar can't offer: its root filesystem is \
+             read-only and it shares no volume with the app's containers; listen on \
+             127.0.0.1:PORT and connect the app to localhost:PORT"
+                .into(),
+        );
+    }
+    if parse_bind_address(value).is_err() || listen_port(value).is_none_or(|p| p == 0) {
+        return Err(
+            "is not a listen address: expected host:port, e.g. 127.0.0.1:6379 (a unix socket \
+             is not possible in an injected sidecar)"
                 .into(),
         );
     }
@@ -589,12 +684,22 @@ fn set_auth(options: &mut Options, value: &str) -> Result<(), String> {
 }
 
 fn set_access_key_secret(options: &mut Options, value: &str) -> Result<(), String> {
-    let (name, key) = value.split_once('/').unwrap_or((value, DEFAULT_SECRET_KEY));
+    options.access_key_secret = Some(secret_ref(value, DEFAULT_SECRET_KEY)?);
+    Ok(())
+}
+
+fn set_listen_password_secret(options: &mut Options, value: &str) -> Result<(), String> {
+    options.listen_password_secret = Some(secret_ref(value, DEFAULT_PASSWORD_KEY)?);
+    Ok(())
+}
+
+/// `NAME` or `NAME/KEY` of a Secret, the key defaulting to `default_key`.
+fn secret_ref(value: &str, default_key: &str) -> Result<SecretRef, String> {
+    let (name, key) = value.split_once('/').unwrap_or((value, default_key));
     if !is_dns1123_subdomain(name) {
         return Err(format!(
             "is not a Secret reference: {name:?} is not a Secret name (lowercase letters, \
-             digits, '-' and '.'); expected NAME or NAME/KEY (KEY defaults to \
-             {DEFAULT_SECRET_KEY})"
+             digits, '-' and '.'); expected NAME or NAME/KEY (KEY defaults to {default_key})"
         ));
     }
     if !is_secret_key(key) {
@@ -603,11 +708,10 @@ fn set_access_key_secret(options: &mut Options, value: &str) -> Result<(), Strin
              and '.'); expected NAME or NAME/KEY"
         ));
     }
-    options.access_key_secret = Some(SecretRef {
+    Ok(SecretRef {
         name: name.to_string(),
         key: key.to_string(),
-    });
-    Ok(())
+    })
 }
 
 fn set_database(options: &mut Options, value: &str) -> Result<(), String> {
@@ -619,12 +723,23 @@ fn set_database(options: &mut Options, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn set_max_connections(options: &mut Options, value: &str) -> Result<(), String> {
+    options.max_connections = Some(
+        value
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n <= 1_000_000)
+            .ok_or("is not a number of connections (0 for no limit, up to 1000000)")?,
+    );
+    Ok(())
+}
+
 fn set_admin_port(options: &mut Options, value: &str) -> Result<(), String> {
     options.admin_port = value
         .parse::<u16>()
         .ok()
-        .filter(|port| *port != 0)
-        .ok_or("is not a port number (1..=65535)")?;
+        .filter(|port| (1..u16::MAX).contains(port))
+        .ok_or("is not a port number (1..=65534: the control endpoint takes the next one)")?;
     Ok(())
 }
 
@@ -780,7 +895,9 @@ mod tests {
                 "--admin-listen",
                 "0.0.0.0:9090",
                 "--log-format",
-                "json"
+                "json",
+                "--max-connections",
+                "56"
             ]
         );
         assert_eq!(options.volume(), None);
@@ -803,14 +920,19 @@ mod tests {
             ("upstream", "host:0", "HOST:PORT"),
             ("client-id", "not-a-guid", "GUID"),
             ("listen", "6379", "host:port"),
-            ("listen", "unix:relative", "unix:/absolute/path"),
+            (
+                "listen",
+                "unix:/var/run/redis.sock",
+                "root filesystem is read-only",
+            ),
             ("listen", "127.0.0.1:0", "host:port"),
             ("auth", "password", "auto, entra, access-key, none"),
             ("access-key-secret", "My_Secret", "Secret name"),
             ("access-key-secret", "ok/bad key", "Secret key"),
             ("access-key-secret", "ok/..x", "Secret key"),
-            ("admin-port", "0", "1..=65535"),
-            ("admin-port", "65536", "1..=65535"),
+            ("admin-port", "0", "1..=65534"),
+            ("admin-port", "65535", "1..=65534"),
+            ("listen-password-secret", "Pw", "Secret name"),
             ("log-format", "xml", "text, json"),
             ("image", "a b", "whitespace"),
             ("image-pull-policy", "always", "Always, IfNotPresent, Never"),
@@ -828,6 +950,32 @@ mod tests {
     }
 
     #[test]
+    fn max_connections_follow_the_memory_limit_unless_set() {
+        let mib = |n: u64| n * 1024 * 1024;
+        assert_eq!(max_connections_for(mib(128)), 56);
+        assert_eq!(max_connections_for(mib(256)), 120);
+        assert_eq!(max_connections_for(mib(1024)), 504);
+        assert_eq!(max_connections_for(mib(16)), 1);
+        assert_eq!(with(&[]).expect("valid").max_connections(), 56);
+        let big = with(&[("memory-limit", "1Gi")]).expect("valid");
+        assert_eq!(big.max_connections(), 504);
+        let decimal = with(&[("memory-limit", "500M")]).expect("valid");
+        assert_eq!(decimal.max_connections(), (500_000_000 - mib(16)) / mib(2));
+        let set = with(&[("max-connections", "300")]).expect("valid");
+        assert!(
+            set.args()
+                .ends_with(&["--max-connections".into(), "300".into()])
+        );
+        let off = with(&[("max-connections", "0")]).expect("valid");
+        assert!(!off.args().contains(&"--max-connections".to_string()));
+        let mut unlimited = Options::default();
+        unlimited.resources.limits.clear();
+        assert_eq!(unlimited.max_connections(), 0);
+        let error = with(&[("max-connections", "-1")]).expect_err("negative");
+        assert!(error.contains("is not a number of connections"), "{error}");
+    }
+
+    #[test]
     fn missing_upstream_says_where_to_set_it() {
         let error = Options::default()
             .with_annotations(&Map::new())
@@ -840,8 +988,22 @@ mod tests {
     fn combinations_that_could_not_start() {
         let error = with(&[("auth", "access-key")]).expect_err("no key");
         assert!(error.contains("access-key-secret"), "{error}");
-        let error = with(&[("listen", "0.0.0.0:9090")]).expect_err("port clash");
+        let error = with(&[("listen", "127.0.0.1:9090")]).expect_err("port clash");
         assert!(error.contains("admin port 9090"), "{error}");
+        let error = with(&[("listen", "127.0.0.1:9091")]).expect_err("control port clash");
+        assert!(error.contains("control port"), "{error}");
+        let error = with(&[("listen", "0.0.0.0:6379")]).expect_err("open without a password");
+        assert!(error.contains("listen-password-secret"), "{error}");
+        let open = with(&[
+            ("listen", "0.0.0.0:6379"),
+            ("listen-password-secret", "redis-pw"),
+        ])
+        .expect("with a password");
+        assert_eq!(
+            open.container()["env"],
+            json!([{"name": "REDIS_PROXY_LISTEN_PASSWORD",
+                    "valueFrom": {"secretKeyRef": {"name": "redis-pw", "key": "password"}}}])
+        );
         let error = with(&[("cpu-request", "2"), ("cpu-limit", "500m")]).expect_err("r > l");
         assert!(error.contains("cpu request"), "{error}");
         assert!(with(&[("memory-request", "128Mi")]).is_ok());
@@ -853,7 +1015,7 @@ mod tests {
         let options = with(&[
             ("upstream", "[::1]:10000"),
             ("client-id", "0F8FAD5B-D9CB-469F-A165-70867728950E"),
-            ("listen", "unix:/var/run/redis.sock"),
+            ("listen", "[::1]:6380"),
             ("access-key-secret", "cache.keys"),
             ("database", "2147483647"),
             ("cpu-limit", "1"),

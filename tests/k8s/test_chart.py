@@ -13,12 +13,14 @@ from conftest import (
     CHART, CI_VALUES, NAMESPACE, assert_locked_down, by_kind, decode_b64, load_values, notes,
     one, pod_metadata, pod_spec, render, validate_strict,
 )
+from volume_rules import unreadable_files
 
 VALUE_SETS = [None, *CI_VALUES]
 VALUE_IDS = ["default", *(p.name for p in CI_VALUES)]
 
 DEFAULTS_FIELDS = {"image", "imagePullPolicy", "upstream", "clientId", "listen", "auth",
-                   "accessKeySecret", "database", "adminPort", "logFormat", "resources"}
+                   "accessKeySecret", "listenPasswordSecret", "database", "maxConnections",
+                   "adminPort", "logFormat", "resources"}
 
 GATEWAY = {"mode": "gateway",
            "gateway": {"upstream": "mycache.redis.cache.windows.net",
@@ -246,7 +248,10 @@ def test_defaults_file_content():
     data = defaults_json(render({"injector": {"defaults": {
         "upstream": "c.redis.cache.windows.net", "clientId": "11111111-2222-3333-4444-555555555555",
         "accessKeySecret": "k/primary", "database": 3, "adminPort": 9191, "image": "x/y:1",
-        "imagePullPolicy": "Always"}}}))
+        "imagePullPolicy": "Always", "listen": "0.0.0.0:6379",
+        "listenPasswordSecret": "pw", "maxConnections": 0}}}))
+    assert data["maxConnections"] == 0 and isinstance(data["maxConnections"], int)
+    assert data["listen"] == "0.0.0.0:6379" and data["listenPasswordSecret"] == "pw"
     assert data["upstream"] == "c.redis.cache.windows.net"
     assert data["clientId"] == "11111111-2222-3333-4444-555555555555"
     assert data["accessKeySecret"] == "k/primary"
@@ -261,6 +266,36 @@ def test_defaults_checksum_rolls_the_injector():
         return template["metadata"]["annotations"]["checksum/defaults"]
     assert checksum(None) == checksum(None)
     assert checksum(None) != checksum({"injector": {"defaults": {"upstream": "other"}}})
+
+
+def test_injector_network_policy_is_off_unless_asked_for():
+    assert not by_kind(render(), "NetworkPolicy")
+
+
+def test_injector_network_policy_admits_only_the_api_server_and_allows_no_egress():
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"app": "konnectivity-agent"}}}
+    objects = render({"injector": {"networkPolicy": {
+        "enabled": True, "apiServerCIDRs": ["10.224.0.0/28", "fd00::/64"], "from": [peer]}}})
+    policy = one(objects, "NetworkPolicy")
+    validate_strict(policy)
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == \
+        one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["egress"] == []
+    [ingress] = spec["ingress"]
+    assert ingress["ports"] == [{"port": "webhook", "protocol": "TCP"}]
+    assert ingress["from"] == [{"ipBlock": {"cidr": "10.224.0.0/28"}},
+                               {"ipBlock": {"cidr": "fd00::/64"}}, peer]
+    # The port it names is the one the webhook Service targets.
+    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in \
+        pod_spec(one(objects, "Deployment"))["containers"][0]["ports"]
+
+
+def test_an_injector_network_policy_without_sources_fails_the_install():
+    with pytest.raises(helm.HelmError, match=r"admits nothing"):
+        render({"injector": {"networkPolicy": {"enabled": True}}})
 
 
 def test_injector_mounts_no_api_token():
@@ -371,6 +406,29 @@ def test_gateway_access_key_file():
     [volume] = pod_spec(one(objects, "Deployment"))["volumes"]
     assert volume["secret"]["secretName"] == "k"
     assert volume["secret"]["items"] == [{"key": "primary", "path": "access-key"}]
+    assert unreadable_files(pod_spec(one(objects, "Deployment")), c) == []
+
+
+@pytest.mark.parametrize("memory, expected", [
+    # The same figures as the injector's (src/injector/sidecar.rs, max_connections_for):
+    # (limit - 16 MiB) / 2 MiB, at least 1.
+    ("128Mi", "56"), ("256Mi", "120"), ("1Gi", "504"), ("500M", "230"), ("1.5Gi", "760"),
+    ("16Mi", "1"),
+])
+def test_gateway_max_connections_follow_the_memory_limit(memory, expected):
+    objects = render({**GATEWAY, "gateway": {**GATEWAY["gateway"],
+                                             "resources": {"limits": {"memory": memory}}}})
+    assert arg(gateway_container(objects), "--max-connections") == expected
+
+
+def test_gateway_max_connections_default_and_overrides():
+    assert arg(gateway_container(render(GATEWAY)), "--max-connections") == "120"  # 256Mi
+    explicit = {**GATEWAY, "gateway": {**GATEWAY["gateway"], "maxConnections": 77}}
+    assert arg(gateway_container(render(explicit)), "--max-connections") == "77"
+    off = {**GATEWAY, "gateway": {**GATEWAY["gateway"], "maxConnections": 0}}
+    assert arg(gateway_container(render(off)), "--max-connections") is None
+    unlimited = {**GATEWAY, "gateway": {**GATEWAY["gateway"], "resources": {"limits": None}}}
+    assert arg(gateway_container(render(unlimited)), "--max-connections") is None
 
 
 def test_gateway_notes():
@@ -389,12 +447,22 @@ def test_gateway_notes():
     ({"injector": {"defaults": {"auth": "password"}}}, "/injector/defaults/auth"),
     ({"injector": {"defaults": {"logFormat": "yaml"}}}, "/injector/defaults/logFormat"),
     ({"injector": {"defaults": {"adminPort": 70000}}}, "/injector/defaults/adminPort"),
+    ({"injector": {"networkPolicy": {"apiServerCIDRs": ["10.0.0.1"]}}},
+     "/injector/networkPolicy/apiServerCIDRs/0"),
+    ({"injector": {"networkPolicy": {"from": [{"podselector": {}}]}}},
+     "/injector/networkPolicy/from/0"),
+    ({"injector": {"defaults": {"adminPort": 65535}}}, "/injector/defaults/adminPort"),
+    ({"injector": {"defaults": {"listen": "unix:/tmp/r.sock"}}}, "/injector/defaults/listen"),
+    ({"injector": {"defaults": {"listenPasswordSecret": "Pw"}}},
+     "/injector/defaults/listenPasswordSecret"),
     ({"injector": {"defaults": {"clientId": "not-a-guid"}}}, "/injector/defaults/clientId"),
     ({"injector": {"defaults": {"unknownField": 1}}}, "/injector/defaults"),
     ({"injector": {"defaults": {"resources": {"requests": {"cpu": "lots"}}}}},
      "/injector/defaults/resources/requests/cpu"),
     ({"injector": {"replica": 2}}, "/injector"),
     ({"gateway": {"port": 0}}, "/gateway/port"),
+    ({"gateway": {"maxConnections": -1}}, "/gateway/maxConnections"),
+    ({"injector": {"defaults": {"maxConnections": "many"}}}, "/injector/defaults/maxConnections"),
     ({"gateway": {"auth": "password"}}, "/gateway/auth"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"typo": True}, "at ''"),

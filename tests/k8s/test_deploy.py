@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import DEPLOY, assert_locked_down, pod_metadata, pod_spec, validate_strict
+from volume_rules import unreadable_files
 
 FILES = sorted(DEPLOY.glob("*.yaml"))
 WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet", "DaemonSet", "Pod"}
@@ -60,12 +61,16 @@ def test_native_sidecar(workload):
     if workload["kind"] != "Job":
         assert proxy["readinessProbe"]["httpGet"]["path"] == "/readiness"
     assert proxy["resources"]["requests"] and proxy["resources"]["limits"]["memory"]
+    # The connection limit the chart would derive from that memory limit.
+    assert proxy["resources"]["limits"]["memory"] == "128Mi"
+    assert args[args.index("--max-connections") + 1] == "56"
     sc = proxy["securityContext"]
     assert sc["runAsUser"] == 65532 and sc["runAsGroup"] == 65532
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     for container in spec["initContainers"] + spec["containers"]:
         assert_locked_down(container)
     assert spec["securityContext"]["runAsNonRoot"] is True
+    assert unreadable_files(spec, proxy) == []
 
 
 def test_workload_identity_wiring():

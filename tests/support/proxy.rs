@@ -84,9 +84,16 @@ pub fn address_field(line: &str) -> Option<String> {
 }
 
 pub fn is_main_listening_line(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
     line.contains("listening")
-        && !line.to_ascii_lowercase().contains("admin")
+        && !lower.contains("admin")
+        && !lower.contains("control endpoint")
         && address_field(line).is_some()
+}
+
+/// The line of the control endpoint's own listener (`--control-listen`).
+pub fn is_control_listening_line(line: &str) -> bool {
+    line.contains("control endpoint listening") && address_field(line).is_some()
 }
 
 pub fn is_admin_listening_line(line: &str) -> bool {
@@ -240,11 +247,22 @@ impl ProxyProcess {
 
     /// The admin endpoint's address, if a line says it is listening (`--admin-listen` set).
     pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.logged_addr(is_admin_listening_line)
+    }
+
+    /// The control endpoint's own listener, if a line says it is listening (`--control-listen`
+    /// with a non-loopback `--admin-listen`).
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.logged_addr(is_control_listening_line)
+    }
+
+    /// The `address` of the first line that `is_line` picks.
+    fn logged_addr(&self, is_line: fn(&str) -> bool) -> Option<SocketAddr> {
         self.lines
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| is_admin_listening_line(l))
+            .filter(|l| is_line(l))
             .find_map(|l| address_field(l)?.parse().ok())
     }
 

@@ -89,12 +89,12 @@ so is the checksum annotation computed from it.
 {{- define "rep.injector.defaultsJson" -}}
 {{- $d := .Values.injector.defaults }}
 {{- $out := dict "image" (default (include "rep.image" .) $d.image) "imagePullPolicy" (default .Values.image.pullPolicy $d.imagePullPolicy) }}
-{{- range $key := list "upstream" "clientId" "listen" "auth" "accessKeySecret" "logFormat" }}
+{{- range $key := list "upstream" "clientId" "listen" "auth" "accessKeySecret" "listenPasswordSecret" "logFormat" }}
 {{- with index $d $key }}
 {{- $_ := set $out $key . }}
 {{- end }}
 {{- end }}
-{{- range $key := list "database" "adminPort" }}
+{{- range $key := list "database" "maxConnections" "adminPort" }}
 {{- if not (kindIs "invalid" (index $d $key)) }}
 {{- $_ := set $out $key (int (index $d $key)) }}
 {{- end }}
@@ -103,6 +103,23 @@ so is the checksum annotation computed from it.
 {{- $_ := set $out "resources" . }}
 {{- end }}
 {{- toPrettyJson $out }}
+{{- end }}
+
+{{/*
+The default --max-connections for a memory limit (a Kubernetes quantity, or empty): what the
+limit holds if every client connection costs the worst case measured with bench/ (2 MiB), after
+16 MiB for the process itself; at least 1; 0 (no limit) without a memory limit. The injector
+derives the sidecar's the same way (src/injector/sidecar.rs, max_connections_for).
+*/}}
+{{- define "rep.maxConnectionsFor" -}}
+{{- $q := toString . }}
+{{- if or (not .) (eq $q "<nil>") }}0
+{{- else }}
+{{- $units := dict "" 1 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "Ei" 1152921504606846976 }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $bytes := mulf (float64 $number) (float64 (get $units (trimPrefix $number $q))) }}
+{{- max 1 (int64 (floor (divf (subf $bytes 16777216) 2097152))) }}
+{{- end }}
 {{- end }}
 
 {{/* The locked-down container securityContext of every container the chart runs. */}}
