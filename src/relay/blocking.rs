@@ -39,7 +39,17 @@ pub struct BlockingCall {
     deadline: Option<Instant>,
     /// What a timed-out slice looks like.
     timeout: TimeoutReply,
+    /// When the slice in flight ends at the earliest: sent then, for the timeout it carries.
+    /// Redis never times a command out early, so a timeout reply before that instant means
+    /// someone unblocked it (`CLIENT UNBLOCK … TIMEOUT`), and the client gets it.
+    slice_ends: Option<Instant>,
 }
+
+/// How much earlier than the slice's end a timeout still counts as one. Redis takes its
+/// deadline from a millisecond clock truncated at receipt, so it can answer up to a
+/// millisecond before the proxy's own reckoning when the link is fast. The price: an unblock
+/// in the last 5 ms of a slice is taken for the slice's end and re-issued (README, residuals).
+const EARLY_TIMEOUT_TOLERANCE: Duration = Duration::from_millis(5);
 
 /// How the reply of a slice that ran out looks, per command family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +93,7 @@ impl BlockingCall {
             slot,
             unit,
             timeout: timeout_reply,
+            slice_ends: None,
         })
     }
 
@@ -93,20 +104,28 @@ impl BlockingCall {
         let slice = left
             .map_or(slice, |l| l.min(slice))
             .max(Duration::from_millis(1));
+        // Whole milliseconds, rounded down: what the server is told is what it waits.
+        let millis = slice.as_millis().max(1) as u64;
         let value = match self.unit {
-            Unit::Seconds => format!("{:.3}", slice.as_secs_f64()),
-            Unit::Millis => slice.as_millis().to_string(),
+            Unit::Seconds => format!("{}.{:03}", millis / 1000, millis % 1000),
+            Unit::Millis => millis.to_string(),
         };
+        self.slice_ends = Some(now + Duration::from_millis(millis));
         self.args[self.slot] = value.into_bytes();
         let refs: Vec<&[u8]> = self.args.iter().map(Vec::as_slice).collect();
         encode_command(&refs)
     }
 
     /// True when `reply` says the slice ran out without a result, and the client still waits:
-    /// then the command is issued again instead of answering the client.
+    /// then the command is issued again instead of answering the client. A timeout reply that
+    /// comes before the slice could have run out was an unblock (`CLIENT UNBLOCK … TIMEOUT`):
+    /// it is the client's, as it would be without the proxy.
     pub fn should_reissue(&self, reply: &[u8], now: Instant) -> bool {
         let time_left = self.deadline.is_none_or(|d| d > now);
-        time_left && self.timed_out(reply)
+        let slice_over = self
+            .slice_ends
+            .is_none_or(|end| now + EARLY_TIMEOUT_TOLERANCE >= end);
+        time_left && slice_over && self.timed_out(reply)
     }
 
     fn timed_out(&self, reply: &[u8]) -> bool {
@@ -193,9 +212,12 @@ mod tests {
             sent(&mut c, Duration::from_millis(1500)),
             ["BLPOP", "a", "b", "1.500"]
         );
-        assert!(c.should_reissue(b"*-1\r\n", Instant::now()));
-        assert!(c.should_reissue(b"_\r\n", Instant::now()));
-        assert!(!c.should_reissue(b"*2\r\n$1\r\na\r\n$1\r\nx\r\n", Instant::now()));
+        let after = Instant::now() + Duration::from_millis(1600);
+        assert!(c.should_reissue(b"*-1\r\n", after));
+        assert!(c.should_reissue(b"_\r\n", after));
+        assert!(!c.should_reissue(b"*2\r\n$1\r\na\r\n$1\r\nx\r\n", after));
+        // A timeout before the slice ran out: someone ran CLIENT UNBLOCK; the client gets it.
+        assert!(!c.should_reissue(b"*-1\r\n", Instant::now()));
     }
 
     #[test]
@@ -266,11 +288,12 @@ mod tests {
     fn waitaof_is_reissued_only_while_fsyncs_are_missing() {
         let mut c = call(&["WAITAOF", "1", "0", "0"]).unwrap();
         assert_eq!(sent(&mut c, Duration::from_secs(1))[3], "1000");
-        assert!(c.should_reissue(b"*2\r\n:0\r\n:0\r\n", Instant::now()));
-        assert!(!c.should_reissue(b"*2\r\n:1\r\n:0\r\n", Instant::now()));
+        let after = Instant::now() + Duration::from_millis(1100);
+        assert!(c.should_reissue(b"*2\r\n:0\r\n:0\r\n", after));
+        assert!(!c.should_reissue(b"*2\r\n:1\r\n:0\r\n", after));
         assert!(!c.should_reissue(
             b"-ERR WAITAOF cannot be used when appendonly is disabled\r\n",
-            Instant::now()
+            after
         ));
     }
 

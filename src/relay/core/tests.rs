@@ -555,6 +555,7 @@ fn a_slice_after_a_failed_reauth_fits_the_old_token() {
     assert!(slice > 0.0 && slice <= 5.0, "{slice}");
     h.lifetime = Duration::from_secs(3600);
     h.rotate(2);
+    h.now += Duration::from_secs_f64(slice); // the slice ran out
     h.server_replies(b"*-1\r\n");
     let sent = h.server_got();
     assert_eq!(sent[0], ["AUTH", "oid", "token-2"]);
@@ -565,10 +566,26 @@ fn a_slice_after_a_failed_reauth_fits_the_old_token() {
         "sized from the token the connection holds, not the new one: {second}"
     );
     h.server_replies(WRONGPASS);
+    h.now += Duration::from_secs_f64(second);
     h.server_replies(b"*-1\r\n");
-    let third: f64 = h.server_got()[0][2].parse().unwrap();
+    let sent = h.server_got();
+    let blpop = sent.iter().find(|c| c[0] == "BLPOP").expect("re-issued");
+    let third: f64 = blpop[2].parse().unwrap();
     assert!(third <= 5.0, "{third}");
     h.client_gets("");
+}
+
+/// A timeout reply before the slice could have run out was `CLIENT UNBLOCK … TIMEOUT` from
+/// another connection: the client gets it, as it would without the proxy.
+#[test]
+fn an_unblocked_slice_is_the_clients_answer() {
+    let mut h = H::with(None, Duration::from_secs(10));
+    h.client(&[&["BRPOP", "k", "0"]]);
+    h.server_got();
+    h.now += Duration::from_millis(10);
+    h.server_replies(b"*-1\r\n");
+    h.client_gets("*-1\r\n");
+    h.server_gets(&[]);
 }
 
 #[test]
