@@ -108,13 +108,22 @@ fn run_ops_client(task: impl Future<Output = Result<String, String>>) -> ExitCod
 }
 
 /// Sets up logging (the format is itself an option, so only now), logs the configuration's
-/// warnings, and runs `task` on a multi-threaded runtime.
+/// warnings, and runs `task` on a single-threaded runtime.
+///
+/// One thread, like Redis's own event loop, because the proxy must not reorder what clients
+/// send. Commands written on two connections microseconds apart reach Redis, directly, in the
+/// order they arrived; a multi-threaded tokio runtime runs the task woken last first (its LIFO
+/// slot) and passes sessions between workers, so through it the second command overtook the
+/// first in 59% of rounds (0 µs apart) and 9% (50 µs apart), and Redis's suite's "blocking
+/// XREADGROUP" tests flaked. One thread handles wake-ups in the order epoll reports them:
+/// 0% (`bench/ordering.py`, README "Ordering"). It also keeps one malloc arena, and a sidecar
+/// rarely gets more than a core; throughput measured the same or better on two cores.
 fn run<F: Future<Output = ExitCode>>(config: Config, task: fn(Config) -> F) -> ExitCode {
     logging::init(config.log_format);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    match tokio::runtime::Builder::new_multi_thread()
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
