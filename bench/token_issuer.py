@@ -14,6 +14,11 @@ password of the Redis ACL user named by the `oid` (`ACL SETUSER <oid> on >TOKEN 
 over the plaintext port with an admin user), so `AUTH <oid> <token>` works; passwords of tokens
 that expired are removed again (`<TOKEN`), so the ACL stays small.
 
+With --per-token-user (what scripts/redis-suite.sh's Entra mode uses), every token instead
+gets an `oid` of its own (`<oid>-<n>`), hence a Redis user of its own, which is deleted when the
+token expires: Redis then closes every connection still authenticated with it, as Azure closes
+a connection whose token expired. --redis-tls-ca/--redis-tls-name reach a TLS-only server.
+
 It binds port 0 and writes the chosen port to --port-file, and it appends one line per token
 served, `<unix time with ms> <n> <exp>`, to --log-file: the exact moments of the refreshes.
 Standard library only.
@@ -40,17 +45,22 @@ def b64url(data: bytes) -> str:
 
 
 class Redis:
-    """One RESP2 connection to the plaintext port, shared by the handler threads."""
+    """One RESP2 connection to the server (plaintext, or TLS), shared by the handler threads."""
 
-    def __init__(self, host, port, user, password):
+    def __init__(self, host, port, user, password, tls_ca=None, tls_name=None):
         self.addr = (host, port)
         self.user, self.password = user, password
+        self.tls_ca, self.tls_name = tls_ca, tls_name
         self.lock = threading.Lock()
         self.sock = None
         self.buf = b""
 
     def _connect(self):
         self.sock = socket.create_connection(self.addr, timeout=10)
+        if self.tls_ca:
+            import ssl
+            ctx = ssl.create_default_context(cafile=self.tls_ca)
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=self.tls_name)
         self.buf = b""
         self._call_locked("AUTH", self.user, self.password)
 
@@ -90,7 +100,8 @@ class Redis:
 class Issuer:
     def __init__(self, args):
         self.args = args
-        self.redis = Redis("127.0.0.1", args.redis_port, args.redis_user, args.redis_password)
+        self.redis = Redis("127.0.0.1", args.redis_port, args.redis_user, args.redis_password,
+                           args.redis_tls_ca, args.redis_tls_name)
         self.lock = threading.Lock()
         self.n = 0
         self.live = []  # (exp, token) still in the ACL
@@ -98,7 +109,8 @@ class Issuer:
         self.log = open(args.log_file, "a", buffering=1) if args.log_file else None
         self.lifetime = args.lifetime
         # Start from a clean user (a previous run on the same server may have left one).
-        self.redis.call("ACL", "SETUSER", args.oid, "reset", "on", "~*", "&*", "+@all")
+        if not args.per_token_user:
+            self.redis.call("ACL", "SETUSER", args.oid, "reset", "on", "~*", "&*", "+@all")
 
     def mint(self):
         now = time.time()
@@ -106,6 +118,7 @@ class Issuer:
             self.n += 1
             n = self.n
         exp = int(now + self.lifetime + 0.999)  # whole seconds, rounded up like real tokens
+        oid = "%s-%d" % (self.args.oid, n) if self.args.per_token_user else self.args.oid
         header = {"typ": "JWT", "alg": "RS256", "kid": "bench"}
         claims = {
             "aud": "https://redis.azure.com",
@@ -113,8 +126,8 @@ class Issuer:
             "iat": int(now),
             "nbf": int(now),
             "exp": exp,
-            "oid": self.args.oid,
-            "sub": self.args.oid,
+            "oid": oid,
+            "sub": oid,
             "tid": "00000000-0000-0000-0000-000000000000",
             "jti": "%s-%d-%s" % (self.nonce, n, uuid.uuid4().hex),
         }
@@ -130,6 +143,15 @@ class Issuer:
         claims["xms_pad"] = ""
         claims["xms_pad"] = "x" * max(0, (self.args.token_bytes - len(encode())) * 3 // 4)
         token = encode()
+        if self.args.per_token_user:
+            self.redis.call("ACL", "SETUSER", oid, "reset", "on", ">" + token, "~*", "&*", "+@all")
+            delay = max(0.0, exp - time.time())
+            timer = threading.Timer(delay, self.expire, args=(oid,))
+            timer.daemon = True  # the process may exit with users still to delete
+            timer.start()
+            if self.log:
+                self.log.write("%.3f %d %d\n" % (time.time(), n, exp))
+            return token, exp
         # Add the token as a password first, then drop the passwords of expired tokens.
         self.redis.call("ACL", "SETUSER", self.args.oid, "on", ">" + token)
         with self.lock:
@@ -141,6 +163,13 @@ class Issuer:
         if self.log:
             self.log.write("%.3f %d %d\n" % (time.time(), n, exp))
         return token, exp
+
+    def expire(self, oid):
+        """The token's user goes, and with it every connection still authenticated as it."""
+        try:
+            self.redis.call("ACL", "DELUSER", oid)
+        except Exception as e:  # noqa: BLE001 - a failed deletion only weakens the check
+            print("token_issuer: ACL DELUSER %s: %s" % (oid, e), file=sys.stderr, flush=True)
 
 
 def make_handler(issuer):
@@ -191,6 +220,10 @@ def main():
     p.add_argument("--redis-port", type=int, required=True, help="plaintext port of redis-server")
     p.add_argument("--redis-user", required=True, help="an admin user for ACL SETUSER")
     p.add_argument("--redis-password", required=True)
+    p.add_argument("--redis-tls-ca", help="CA file: reach redis-server over TLS")
+    p.add_argument("--redis-tls-name", default="localhost", help="TLS server name")
+    p.add_argument("--per-token-user", action="store_true",
+                   help="one Redis user per token, deleted when the token expires")
     p.add_argument("--oid", default="9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d")
     p.add_argument("--lifetime", type=float, default=3600, help="token lifetime, seconds")
     p.add_argument("--identity-header", default="secret")
