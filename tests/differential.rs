@@ -10,8 +10,8 @@
 //! `QUIT`, inline commands and pipelines of several.
 //!
 //! Not in the grammar: the client's own `AUTH`, which the proxy answers by design (`+OK`,
-//! where a server without a password answers an error); the unit tests and
-//! `tests/transparency.rs` cover it.
+//! where a server without a password answers an error); the relay's unit tests,
+//! `tests/reauth.rs` and `tests/failures.rs` (`--listen-password`) cover it.
 //!
 //! Reproducible: each case is generated from a seed; a failure prints the seed and the script.
 //! `DIFF_SEED=<n>` replays one case, `DIFF_CASES=<n>` sets how many are run (CI: a bounded
