@@ -878,6 +878,12 @@ impl TestCluster {
         parse_cluster_slots(&reply).unwrap_or_else(|e| panic!("node {node}: {e}"))
     }
 
+    /// The node's log file (in the node's own temporary directory, with its `nodes.conf`).
+    pub fn log_path(&self, node: usize) -> PathBuf {
+        self.check_index(node);
+        self.nodes[node].log_path()
+    }
+
     /// The node's log so far.
     pub fn log(&self, node: usize) -> String {
         self.check_index(node);
