@@ -21,8 +21,25 @@
 //! * Inline commands (first byte not `*`) and anything after a framing error are forwarded
 //!   verbatim (Redis then answers the protocol error itself).
 //!
-//! Counters and an event log let tests see what happened. Dropping the front stops the listener
-//! and closes every relayed connection.
+//! Counters and an event log let tests see what happened. Dropping the front (or
+//! [`AzureFront::stop`]) stops the listener and closes every relayed connection.
+//!
+//! ## In front of a Redis Cluster node
+//!
+//! [`AzureFront::start_for_node`] puts a front before any TLS Redis port, on a listener the
+//! caller bound beforehand (so that the node can announce the front's port with
+//! `cluster-announce-tls-port` before the front exists), with an admin connection to *that*
+//! node: ACL users are per node in Redis Cluster, so each node's front creates and deletes the
+//! token users on its own node. Its [`FrontAuth`] decides what happens to `AUTH`:
+//!
+//! * [`FrontAuth::Entra`]: tokens as above, except that the `AUTH user pass` of the users it
+//!   lists (the replication user) is forwarded unchanged. A replica reaches its master through
+//!   the master's *announced* address — this front — and logs in with `masteruser` /
+//!   `masterauth`; after `PSYNC` the replication stream is relayed verbatim both ways (the
+//!   replica's `REPLCONF ACK`s are ordinary commands, the master's stream is server → client
+//!   bytes), so replication and `CLUSTER FAILOVER` work through the fronts.
+//! * [`FrontAuth::Relay`]: everything is forwarded verbatim (access-key mode: Redis checks the
+//!   key itself).
 
 use redis::aio::MultiplexedConnection;
 use std::collections::HashMap;
@@ -77,6 +94,7 @@ struct Counters {
     connections_total: AtomicU64,
     closed_by_server: AtomicU64,
     tokens_expired: AtomicU64,
+    auth_passed_through: AtomicU64,
 }
 
 /// Per-token ACL user bookkeeping, guarded by one async mutex so that creating a user and
@@ -87,14 +105,31 @@ struct TokenUser {
     deleted: bool,
 }
 
+/// What a front started with [`AzureFront::start_for_node`] does with `AUTH`.
+#[derive(Debug, Clone)]
+pub enum FrontAuth {
+    /// Entra tokens are checked and mapped to per-token ACL users (as [`AzureFront::start`]
+    /// does); access keys (`AUTH <key>`, `AUTH default <key>`) and the `AUTH user pass` of the
+    /// users listed here (e.g. the replication user) are forwarded unchanged.
+    Entra {
+        /// Users whose `AUTH` (and `HELLO … AUTH`) is not a token and is forwarded as is.
+        passthrough_users: Vec<String>,
+    },
+    /// Every byte is forwarded verbatim; Redis checks the credentials (access-key mode).
+    Relay,
+}
+
 struct Front {
     redis_port: u16,
+    /// The name the real Redis's certificate is verified against.
+    server_name: String,
     connector: TlsConnector,
     admin: MultiplexedConnection,
+    auth: FrontAuth,
     users: tokio::sync::Mutex<HashMap<String, TokenUser>>,
     counters: Counters,
     events: Mutex<Vec<AuthEvent>>,
-    /// Cancelled when the front is dropped.
+    /// Cancelled when the front is stopped or dropped.
     shutdown: CancellationToken,
     /// Cancelled (and replaced) by [`AzureFront::disconnect_all`].
     disconnect: Mutex<CancellationToken>,
@@ -105,7 +140,8 @@ struct Front {
 pub struct AzureFront {
     port: u16,
     front: Arc<Front>,
-    accept_task: JoinHandle<()>,
+    /// Taken (and awaited) by [`AzureFront::stop`].
+    accept_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl AzureFront {
@@ -117,11 +153,44 @@ impl AzureFront {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake Azure front");
-        let port = listener.local_addr().unwrap().port();
+        let auth = FrontAuth::Entra {
+            passthrough_users: Vec::new(),
+        };
+        Self::launch(pki, listener, redis.port(), redis.admin().await, auth)
+    }
+
+    /// Starts a front on `listener` (bound by the caller, typically on `127.0.0.1:0`, so its
+    /// port could be announced before the node behind it started) in front of the TLS Redis
+    /// port `redis_port` on 127.0.0.1 — e.g. one node of a Redis Cluster. `admin` is an admin
+    /// connection to that same node: the per-token ACL users are created and deleted there.
+    /// The real Redis's certificate is verified for `pki.server_name()`.
+    pub fn start_for_node(
+        pki: &TestPki,
+        listener: TcpListener,
+        redis_port: u16,
+        admin: MultiplexedConnection,
+        auth: FrontAuth,
+    ) -> AzureFront {
+        Self::launch(pki, listener, redis_port, admin, auth)
+    }
+
+    fn launch(
+        pki: &TestPki,
+        listener: TcpListener,
+        redis_port: u16,
+        admin: MultiplexedConnection,
+        auth: FrontAuth,
+    ) -> AzureFront {
+        let port = listener
+            .local_addr()
+            .expect("local address of the front's listener")
+            .port();
         let front = Arc::new(Front {
-            redis_port: redis.port(),
+            redis_port,
+            server_name: pki.server_name().to_string(),
             connector: pki.connector(),
-            admin: redis.admin().await,
+            admin,
+            auth,
             users: tokio::sync::Mutex::new(HashMap::new()),
             counters: Counters::default(),
             events: Mutex::new(Vec::new()),
@@ -146,7 +215,7 @@ impl AzureFront {
         AzureFront {
             port,
             front,
-            accept_task,
+            accept_task: Mutex::new(Some(accept_task)),
         }
     }
 
@@ -186,6 +255,15 @@ impl AzureFront {
         self.front.counters.closed_by_server.load(Ordering::SeqCst)
     }
 
+    /// `AUTH`s of a [`FrontAuth::Entra`] passthrough user (e.g. replicas logging in to their
+    /// master), forwarded unchanged.
+    pub fn auth_passed_through(&self) -> u64 {
+        self.front
+            .counters
+            .auth_passed_through
+            .load(Ordering::SeqCst)
+    }
+
     /// Token users deleted at their expiry so far.
     pub fn tokens_expired(&self) -> u64 {
         self.front.counters.tokens_expired.load(Ordering::SeqCst)
@@ -211,12 +289,40 @@ impl AzureFront {
         );
         old.cancel();
     }
+
+    /// Stops the front for good, as if its address went away: when this returns the listener
+    /// is closed (new connections are refused) and every relayed connection has been closed.
+    /// Pending token-user deletions are dropped with it (the connections they would have
+    /// closed are gone). Idempotent; dropping the front does the same without waiting.
+    pub async fn stop(&self) {
+        self.front.shutdown.cancel();
+        let task = self.accept_task.lock().unwrap().take();
+        if let Some(task) = task {
+            // The accept loop returns on cancellation, dropping (closing) the listener.
+            let _ = task.await;
+        }
+        let closed =
+            super::wait_until(Duration::from_secs(10), || self.connections_open() == 0).await;
+        assert!(
+            closed,
+            "fake Azure front on port {}: {} relayed connections still open 10 s after stop()",
+            self.port,
+            self.connections_open()
+        );
+    }
+
+    /// True once [`Self::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.front.shutdown.is_cancelled()
+    }
 }
 
 impl Drop for AzureFront {
     fn drop(&mut self) {
         self.front.shutdown.cancel();
-        self.accept_task.abort();
+        if let Some(task) = self.accept_task.lock().unwrap().take() {
+            task.abort();
+        }
     }
 }
 
@@ -281,7 +387,8 @@ impl Front {
     async fn connect_redis(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(("127.0.0.1", self.redis_port)).await?;
         tcp.set_nodelay(true)?;
-        let name = rustls::pki_types::ServerName::try_from(super::pki::SERVER_NAME).unwrap();
+        let name = rustls::pki_types::ServerName::try_from(self.server_name.clone())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         self.connector.connect(name, tcp).await
     }
 
@@ -344,6 +451,10 @@ impl Front {
         to: &mut (impl AsyncWrite + Unpin),
         pending: &mut Vec<u8>,
     ) -> Option<Vec<Vec<u8>>> {
+        let passthrough_users = match &self.auth {
+            FrontAuth::Relay => return None,
+            FrontAuth::Entra { passthrough_users } => passthrough_users,
+        };
         let name = String::from_utf8_lossy(args.first()?).to_ascii_uppercase();
         // Where the (user, password) pair sits in the command.
         let user_index = match name.as_str() {
@@ -369,6 +480,12 @@ impl Front {
         let user = String::from_utf8_lossy(&args[user_index]).into_owned();
         if user == "default" {
             return None; // access key
+        }
+        if passthrough_users.contains(&user) {
+            self.counters
+                .auth_passed_through
+                .fetch_add(1, Ordering::SeqCst);
+            return None;
         }
         let token = String::from_utf8_lossy(&args[user_index + 1]).into_owned();
         if !pending.is_empty() {

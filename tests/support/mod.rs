@@ -6,14 +6,21 @@
 //! bounded poll ([`wait_until`]).
 //!
 //! The pieces:
-//! * [`pki`]: a throw-away CA and a `localhost`/`127.0.0.1` server certificate ([`TestPki`]).
+//! * [`pki`]: a throw-away CA and a `localhost`/`127.0.0.1` server certificate ([`TestPki`]),
+//!   or one for a single host name and nothing else ([`TestPki::for_host_only`]).
 //! * [`redis_server`]: the real `redis-server`, TLS only, with Azure-like ACL users ([`RedisServer`]).
+//! * [`cluster`]: a real Redis Cluster (3 masters, optionally a replica each), TLS only with a
+//!   certificate for the host name `cache.test` alone, every node behind its own fake Azure
+//!   front whose port it announces; slot migrations (`ASK`, then `MOVED`), failover, moving a
+//!   node to a new port, killing a node ([`TestCluster`], [`ClusterOptions`]).
 //! * [`token_issuer`]: mints Entra-like JWTs (HS256, `oid`, `exp`, `jti`, …) ([`TokenIssuer`]).
 //! * [`token_endpoints`]: a fake App Service / Container Apps managed identity endpoint
 //!   ([`ManagedIdentityEndpoint`]) and a fake Entra token endpoint over HTTPS ([`EntraEndpoint`]).
 //! * [`azure_front`]: the fake Azure Cache for Redis front ([`AzureFront`]): TLS in front of the real
 //!   Redis, which turns `AUTH <oid> <jwt>` into a per-token ACL user that is deleted when the
-//!   token expires, so connections die at token expiry exactly as on Azure.
+//!   token expires, so connections die at token expiry exactly as on Azure. It can also sit in
+//!   front of any TLS Redis port (a cluster node: [`AzureFront::start_for_node`], [`FrontAuth`])
+//!   and be stopped ([`AzureFront::stop`]).
 //! * [`proxy`]: runs the real `redis-entra-proxy` binary ([`ProxyProcess`], [`run_to_end`]).
 //! * [`resp`]: a small raw RESP2/RESP3 client ([`RespClient`]) for tests that need byte-level
 //!   control (pipelining, `MULTI`, subscribed mode, noticing a closed connection).
@@ -35,6 +42,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod azure_front;
+pub mod cluster;
 pub mod differential;
 pub mod pki;
 pub mod proxy;
@@ -46,7 +54,8 @@ pub mod token_issuer;
 
 pub mod http;
 
-pub use azure_front::{AuthEvent, AzureFront};
+pub use azure_front::{AuthEvent, AzureFront, FrontAuth};
+pub use cluster::{ClusterOptions, NodeInfo, Role, TestCluster, key_for_slot, key_slot};
 pub use http::{HttpResponse, RecordingHttpProxy, http_get, http_post, http_request};
 pub use pki::TestPki;
 pub use proxy::{ProxyProcess, RunOutput, run_to_end};

@@ -55,7 +55,9 @@ pub struct RedisServer {
     access_keys: Mutex<Vec<String>>,
 }
 
-fn redis_server_binary() -> PathBuf {
+/// The `redis-server` to run: `$REDIS_SERVER`, else the first on `PATH`, else
+/// `/usr/bin/redis-server` (also used by the cluster harness).
+pub fn redis_server_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("REDIS_SERVER") {
         return PathBuf::from(p);
     }
