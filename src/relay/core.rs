@@ -638,7 +638,7 @@ impl Core {
     ) -> Disposition {
         let argc = args.argc();
         match cmd {
-            Command::Other if self.cluster.is_some() => match cluster_topology(args.clone()) {
+            Command::Other if self.cluster.is_some() => match cluster_topology(Args::new(frame)) {
                 Some(which) => self.forward(frame, Owner::Topology(which)),
                 None => self.forward(frame, Owner::Client),
             },
