@@ -22,7 +22,9 @@ use crate::resp::encode_command;
 use crate::upstream::{Upstream, roundtrip};
 use registry::{Change, NewListener, NoPort, Registry, join};
 use rewrite::{AddressMap, Rewriter, Topology};
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
@@ -53,6 +55,10 @@ pub(crate) struct Cluster {
     detected: watch::Sender<Detected>,
     listeners: mpsc::UnboundedSender<NewListener>,
     metrics: Arc<Metrics>,
+    /// The first successful topology read has been logged.
+    announced: AtomicBool,
+    /// Nodes the last read could not serve (warned about once, not at every read).
+    refused: Mutex<HashSet<(String, u16)>>,
 }
 
 impl Cluster {
@@ -93,6 +99,8 @@ impl Cluster {
             }),
             listeners,
             metrics,
+            announced: AtomicBool::new(false),
+            refused: Mutex::new(HashSet::new()),
         };
         Some((Arc::new(cluster), receiver))
     }
@@ -272,14 +280,25 @@ impl Cluster {
             refused
         };
         self.record(&changes);
-        for (host, port, why) in refused {
-            tracing::warn!(node = %join(&host, port), reason = no_port_reason(why), "cluster: node not served");
+        {
+            let mut warned = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+            let now_refused: HashSet<(String, u16)> = refused
+                .iter()
+                .map(|(host, port, _)| (host.clone(), *port))
+                .collect();
+            for (host, port, why) in refused {
+                if !warned.contains(&(host.clone(), port)) {
+                    tracing::warn!(node = %join(&host, port), reason = no_port_reason(why), "cluster: node not served");
+                }
+            }
+            *warned = now_refused;
         }
         self.metrics
             .cluster_refreshes
             .with_label_values(&["ok"])
             .inc();
-        if self.detected.send_replace(Detected::Cluster) == Detected::Unknown {
+        self.detected.send_replace(Detected::Cluster);
+        if !self.announced.swap(true, Ordering::Relaxed) {
             tracing::info!(nodes = present.len(), options = %self.described, "cluster mode: on");
         }
         Ok(())
