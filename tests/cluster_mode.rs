@@ -504,3 +504,113 @@ async fn cluster_off_relays_the_clusters_own_addresses() {
     let fronts: HashSet<u16> = (0..3).map(|n| cluster.front_port(n)).collect();
     assert_eq!(ports, fronts);
 }
+
+#[tokio::test]
+async fn a_failover_is_followed() {
+    let cluster = TestCluster::start(ClusterOptions::access_key().with_replicas(1)).await;
+    let proxy = key_proxy(&cluster, &[]).await;
+    let mut con = cluster_client(&proxy).await;
+    let master = cluster.masters()[1];
+    let slot = cluster.node(master).slots[0].0;
+    let key = support::key_for_slot(slot);
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("before")
+        .query_async(&mut con)
+        .await
+        .expect("SET before the failover");
+    let promoted = cluster.failover(master).await;
+    // The client is sent to the new master (MOVED from the old one, now a replica) and the
+    // write lands there.
+    let mut written = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !written && Instant::now() < deadline {
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg("after")
+            .query_async(&mut con)
+            .await;
+        written = set.is_ok();
+        if !written {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(written, "no write after the failover\n{}", proxy.output());
+    let got: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut cluster.admin(promoted))
+        .await
+        .expect("GET on the new master");
+    assert_eq!(got, "after");
+    // The proxy's CLUSTER SLOTS names the new master's local port for the slot.
+    let mut c = RespClient::connect(proxy.addr()).await;
+    let (ranges, ports) = slots_ports(&c.cmd(&["CLUSTER", "SLOTS"]).await);
+    let new_port = local_port_of(&proxy, &cluster, &ports, promoted).await;
+    assert!(
+        ranges
+            .iter()
+            .any(|(s, e, p)| *s <= i64::from(slot) && i64::from(slot) <= *e && *p == new_port),
+        "{ranges:?}"
+    );
+}
+
+#[tokio::test]
+async fn ssubscribe_on_the_owner_receives_every_message_across_token_refreshes() {
+    let issuer = TokenIssuer::new(&random_uuid(), Duration::from_secs(3));
+    let cluster = TestCluster::start(ClusterOptions::entra(&issuer)).await;
+    let msi = ManagedIdentityEndpoint::start(&issuer).await;
+    let env: Vec<(String, String)> = msi.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let args = [
+        "--auth",
+        "entra",
+        "--credential",
+        "managed-identity",
+        "--reauth-margin",
+        "1s",
+        "--token-refresh-at",
+        "0.5",
+    ];
+    let proxy = proxy_for(&cluster, &args, &env).await;
+    // Find the channel's owner the way a cluster client does: SSUBSCRIBE where the seed says.
+    let channel = "orders";
+    let mut seed = RespClient::connect(proxy.addr()).await;
+    let (_, ports) = slots_ports(&seed.cmd(&["CLUSTER", "SLOTS"]).await);
+    let owner = cluster.node_for_key(channel.as_bytes());
+    let port = local_port_of(&proxy, &cluster, &ports, owner).await;
+    let mut sub = RespClient::connect(([127, 0, 0, 1], port).into()).await;
+    let confirmed = sub.cmd(&["SSUBSCRIBE", channel]).await;
+    assert_eq!(
+        confirmed,
+        Value::Array(vec![
+            Value::bulk("ssubscribe"),
+            Value::bulk(channel),
+            Value::Int(1)
+        ])
+    );
+    let mut publisher = RespClient::connect(([127, 0, 0, 1], port).into()).await;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(12) {
+        let n = publisher
+            .cmd(&["SPUBLISH", channel, &sent.to_string()])
+            .await;
+        assert_eq!(n, Value::Int(1), "message {sent}\n{}", proxy.output());
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..sent {
+        let message = sub.read().await;
+        assert_eq!(
+            message,
+            Value::Array(vec![
+                Value::bulk("smessage"),
+                Value::bulk(channel),
+                Value::bulk(i.to_string())
+            ]),
+            "message {i} of {sent}"
+        );
+    }
+    assert_eq!(cluster.front(owner).connections_closed_by_server(), 0);
+    assert!(issuer.history().len() >= 4);
+}
