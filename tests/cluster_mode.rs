@@ -117,6 +117,18 @@ async fn local_port_of(
     panic!("no local port serves node {node}\n{}", proxy.output());
 }
 
+/// The value of one unlabelled metric on the proxy's admin endpoint.
+async fn metric(proxy: &ProxyProcess, name: &str) -> f64 {
+    let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
+    let body = support::http_get(&format!("http://{admin}/metrics"))
+        .await
+        .body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
+}
+
 /// Keys over all slots: `n` keys, at least one in every 64-slot stretch.
 fn spread_keys(n: usize) -> Vec<String> {
     let mut by_stretch: HashMap<u16, String> = HashMap::new();
@@ -403,9 +415,14 @@ async fn a_resharding_passes_ask_then_moved_with_local_addresses_and_loses_no_wr
 #[tokio::test]
 async fn a_node_on_a_new_address_gets_a_new_local_port_and_the_old_one_is_retired() {
     let cluster = TestCluster::start(ClusterOptions::access_key()).await;
-    let proxy = key_proxy(&cluster, &[]).await;
+    let proxy = key_proxy(&cluster, &["--admin-listen", "127.0.0.1:0"]).await;
     let mut raw = RespClient::connect(proxy.addr()).await;
     let (_, ports) = slots_ports(&raw.cmd(&["CLUSTER", "SLOTS"]).await);
+    assert_eq!(metric(&proxy, "redis_proxy_cluster_nodes").await, 3.0);
+    assert_eq!(
+        metric(&proxy, "redis_proxy_cluster_topology_changes_total").await,
+        3.0
+    );
     let node = 2;
     let old_port = local_port_of(&proxy, &cluster, &ports, node).await;
     cluster.move_front(node).await;
@@ -428,13 +445,26 @@ async fn a_node_on_a_new_address_gets_a_new_local_port_and_the_old_one_is_retire
         proxy.output()
     );
     assert_ne!(new_port, Some(old_port));
-    // ... and the old one tells a new client why it is refused.
-    let mut c = RespClient::connect(([127, 0, 0, 1], old_port).into()).await;
-    match c.try_read(Duration::from_secs(5)).await {
-        Ok(Value::Error(e)) => assert!(e.contains("retired"), "{e}"),
-        other => panic!("{other:?}"),
+    // ... and, once the next topology read has retired it, the old one tells a new client why
+    // it is refused (until then it says that it cannot reach the node's old address).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = RespClient::connect(([127, 0, 0, 1], old_port).into()).await;
+        match c.try_read(Duration::from_secs(5)).await {
+            Ok(Value::Error(e)) if e.contains("retired") => break,
+            Ok(Value::Error(e)) if e.contains("cannot connect") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("{other:?}\n{}", proxy.output()),
+        }
     }
     assert!(proxy.output_contains("cluster: node left the topology"));
+    // Counted: the new address served, the old one retired; still three nodes served.
+    assert_eq!(metric(&proxy, "redis_proxy_cluster_nodes").await, 3.0);
+    assert_eq!(
+        metric(&proxy, "redis_proxy_cluster_topology_changes_total").await,
+        5.0
+    );
 }
 
 #[tokio::test]

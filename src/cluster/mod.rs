@@ -35,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 pub(crate) enum Detected {
     /// Not asked yet (`--cluster auto` before the first topology read).
     Unknown,
+    /// `auto`, and the cache could not be asked so far (unreachable, refused the credential):
+    /// sessions don't wait for an answer that may be long to come, and don't rewrite.
+    Failing,
     /// A cluster: sessions rewrite addresses.
     Cluster,
     /// Not a cluster: the seed listener relays as without cluster mode.
@@ -192,6 +195,13 @@ impl Cluster {
                     return;
                 }
                 Err(e) => {
+                    self.detected.send_if_modified(|d| {
+                        let first = *d == Detected::Unknown;
+                        if first {
+                            *d = Detected::Failing;
+                        }
+                        first
+                    });
                     failures += 1;
                     // One warning per streak of failures, then quiet until it works again.
                     if failures == 1 {
@@ -413,5 +423,107 @@ impl ClusterView {
                 Some(crate::relay::proxy_error(&e.to_string()).to_vec())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterPorts, Command, parse_from};
+
+    fn cluster(max_nodes: usize) -> (Arc<Cluster>, mpsc::UnboundedReceiver<NewListener>) {
+        let argv = [
+            "redis-entra-proxy",
+            "--upstream",
+            "cache.test:7000",
+            "--auth",
+            "none",
+        ];
+        let parsed = parse_from(argv.iter().map(|a| a.to_string()), &|_| None);
+        let Ok(Command::Run(config)) = parsed else {
+            panic!("a configuration: {parsed:?}")
+        };
+        let upstream = match Upstream::new(&config) {
+            Ok(u) => u,
+            Err(e) => panic!("{e}"),
+        };
+        let options = ClusterConfig {
+            mode: ClusterMode::On,
+            ports: ClusterPorts::Ephemeral,
+            max_nodes,
+            refresh: Duration::from_secs(1),
+        };
+        let made = Cluster::new(
+            &options,
+            &upstream,
+            "cache.test",
+            true,
+            IpAddr::from([127, 0, 0, 1]),
+            Metrics::new(),
+        );
+        made.unwrap_or_else(|| panic!("cluster mode is on"))
+    }
+
+    #[test]
+    fn a_redirect_to_a_new_node_binds_its_listener_before_the_client_hears_of_it() {
+        let (cluster, mut listeners) = cluster(10);
+        let view = cluster.view(IpAddr::from([127, 0, 0, 1]));
+        let Some(out) = view.redirect(b"-MOVED 3999 10.0.0.7:8501\r\n") else {
+            panic!("a redirect")
+        };
+        let Ok(new) = listeners.try_recv() else {
+            panic!("a listener for the new node")
+        };
+        let port = new.node.local_port;
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("-MOVED 3999 127.0.0.1:{port}\r\n")
+        );
+        assert_eq!(new.listener.local_addr().map(|a| a.port()).ok(), Some(port));
+        assert_eq!(new.node.addr, "10.0.0.7:8501");
+        // The same node again: the same port, no new listener.
+        let again = view.redirect(b"-ASK 3999 10.0.0.7:8501\r\n");
+        assert_eq!(
+            again.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            Some(format!("-ASK 3999 127.0.0.1:{port}\r\n"))
+        );
+        assert!(listeners.try_recv().is_err());
+        assert!(view.redirect(b"-ERR something else\r\n").is_none());
+    }
+
+    #[test]
+    fn unmappable_or_malformed_topology_becomes_one_clear_error_line() {
+        let (cluster, _listeners) = cluster(1);
+        let view = cluster.view(IpAddr::from([127, 0, 0, 1]));
+        let two_nodes = b"*2\r\n*3\r\n:0\r\n:1\r\n*3\r\n$8\r\n10.0.0.1\r\n:8500\r\n$2\r\nid\r\n\
+                          *3\r\n:2\r\n:3\r\n*3\r\n$8\r\n10.0.0.2\r\n:8500\r\n$2\r\nid\r\n";
+        let out = view.topology(Topology::Slots, two_nodes);
+        let text = out.map(|b| String::from_utf8_lossy(&b).into_owned());
+        assert_eq!(
+            text.as_deref(),
+            Some(
+                "-ERR redis-entra-proxy: no local port for cluster node 10.0.0.2:8500: \
+                 --cluster-max-nodes reached\r\n"
+            )
+        );
+        for malformed in [
+            &b"*1\r\n*3\r\n:0\r\n:1\r\n*1\r\n$8\r\n10.0.0.1\r\n"[..],
+            b"*1\r\n$3\r\nabc\r\n",
+            b"*1\r\n*3\r\n:0\r\n:1\r\n*3\r\n$8\r\n10.0.0.1\r\n$4\r\nport\r\n$2\r\nid\r\n",
+        ] {
+            let out = view.topology(Topology::Slots, malformed);
+            let text = out.map(|b| String::from_utf8_lossy(&b).into_owned());
+            let Some(text) = text else {
+                panic!("an error for {malformed:?}")
+            };
+            assert!(
+                text.starts_with("-ERR redis-entra-proxy: malformed CLUSTER SLOTS reply")
+                    && text.ends_with("\r\n")
+                    && text.matches("\r\n").count() == 1,
+                "{text:?}"
+            );
+        }
+        // An error reply from the cluster is the client's, as it is.
+        assert!(view.topology(Topology::Slots, b"-ERR nope\r\n").is_none());
     }
 }
