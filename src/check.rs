@@ -5,7 +5,8 @@
 //! failure says what went wrong and stops. Exit status 0 only if all of it works. Nothing
 //! secret is printed: the credential is described by its user and expiry, never its value.
 
-use crate::config::Config;
+use crate::cluster::rewrite::{bulk_payload, parse_nodes};
+use crate::config::{ClusterMode, Config};
 use crate::credential::{AuthCredential, AuthKind, CredentialManager};
 use crate::resp::encode_command;
 use crate::upstream::{Upstream, error_text, roundtrip};
@@ -75,6 +76,111 @@ async fn steps(config: &Config, stop: &CancellationToken) -> Result<(), String> 
             .and_then(server_version)
             .unwrap_or_else(|| "unknown".into())
     );
+    if config.cluster.mode != ClusterMode::Off {
+        check_cluster(config, &upstream, &mut stream, credential.as_deref()).await?;
+    }
+    Ok(())
+}
+
+/// The cluster step: what clustering the cache has and, for a cluster, each node reached on
+/// its own address (TCP, TLS against the configured name, `AUTH`, `PING`) as the proxy would.
+async fn check_cluster(
+    config: &Config,
+    upstream: &Upstream,
+    stream: &mut crate::upstream::UpstreamStream,
+    credential: Option<&AuthCredential>,
+) -> Result<(), String> {
+    let replies = roundtrip(stream, &[encode_command(&[b"CLUSTER", b"NODES"])])
+        .await
+        .map_err(|e| format!("CLUSTER NODES: {e}"))?;
+    let reply = replies.first().ok_or("CLUSTER NODES: no reply")?;
+    if reply.starts_with(b"-") {
+        let said = error_text(reply);
+        if config.cluster.mode == ClusterMode::On {
+            return Err(format!(
+                "cluster: --cluster on, but the cache is not a cluster (CLUSTER NODES: {said})"
+            ));
+        }
+        println!("cluster: not a cluster (CLUSTER NODES: {said}); cluster mode off");
+        return Ok(());
+    }
+    let nodes = bulk_payload(reply)
+        .ok_or("CLUSTER NODES did not answer with a string".to_string())
+        .and_then(|text| parse_nodes(text).map_err(|e| e.to_string()))?;
+    let served: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.port != 0 && !n.flags.iter().any(|f| f == "noaddr" || f == "handshake"))
+        .collect();
+    println!(
+        "cluster: a cluster of {} nodes ({} masters); each gets a local listener",
+        served.len(),
+        served
+            .iter()
+            .filter(|n| n.flags.iter().any(|f| f == "master"))
+            .count()
+    );
+    if served.len() > config.cluster.max_nodes {
+        return Err(format!(
+            "cluster: {} nodes, more than --cluster-max-nodes {}",
+            served.len(),
+            config.cluster.max_nodes
+        ));
+    }
+    let mut failed = 0;
+    for node in served {
+        let host = if node.host.is_empty() {
+            config.upstream_host.as_str()
+        } else {
+            node.host.as_str()
+        };
+        let role = if node.flags.iter().any(|f| f == "master") {
+            let slots: u32 = node
+                .slots
+                .iter()
+                .map(|(a, b)| u32::from(*b) - u32::from(*a) + 1)
+                .sum();
+            format!("master of {slots} slots")
+        } else {
+            "replica".to_string()
+        };
+        let node_upstream = upstream.for_node(host, node.port);
+        let started = Instant::now();
+        let outcome = match node_upstream.connect(credential).await {
+            Ok(mut s) => roundtrip(&mut s, &[encode_command(&[b"PING"])])
+                .await
+                .map_err(|e| format!("PING: {e}"))
+                .and_then(|r| match r.first() {
+                    Some(r) if r.starts_with(b"+PONG") => Ok(()),
+                    Some(r) => Err(format!("PING: {}", error_text(r))),
+                    None => Err("PING: no reply".into()),
+                }),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => println!(
+                "cluster: node {} ({role}): connected, {}, PING ok in {} ms",
+                node_upstream.addr(),
+                match (config.tls, credential.is_some()) {
+                    (true, true) =>
+                        format!("TLS verified as {}, authenticated", config.tls_server_name),
+                    (true, false) => format!("TLS verified as {}", config.tls_server_name),
+                    (false, true) => "plaintext, authenticated".to_string(),
+                    (false, false) => "plaintext".to_string(),
+                },
+                started.elapsed().as_millis()
+            ),
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "cluster: node {} ({role}): FAILED: {e}",
+                    node_upstream.addr()
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(format!("cluster: {failed} node(s) not usable (see above)"));
+    }
     Ok(())
 }
 

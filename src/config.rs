@@ -32,6 +32,13 @@ pub const DEFAULT_SCOPE: &str = "https://redis.azure.com/.default";
 const DEFAULT_LISTEN: &str = "127.0.0.1:6379";
 /// Health and metrics endpoint by default.
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// `--cluster-max-nodes` when not given: Azure Managed Redis's largest caches have tens of
+/// shards, each with a replica.
+const DEFAULT_CLUSTER_MAX_NODES: usize = 100;
+/// The largest `--cluster-max-nodes` accepted (each node may hold a listener).
+const MAX_CLUSTER_NODES: usize = 1000;
+/// `--cluster-refresh` when not given.
+const DEFAULT_CLUSTER_REFRESH: Duration = Duration::from_secs(10);
 /// A new token is fetched once this fraction of the current one's lifetime has passed.
 const DEFAULT_TOKEN_REFRESH_AT: f64 = 0.75;
 /// Live connections are re-authenticated at least this long before their token expires.
@@ -87,6 +94,16 @@ pub enum ControlListen {
     OnAdmin,
     /// On a listener of its own at this loopback `host:port`.
     Separate(String),
+}
+
+impl ControlListen {
+    /// The address of a listener of its own, if it has one.
+    fn address(&self) -> Option<&str> {
+        match self {
+            ControlListen::Separate(addr) => Some(addr),
+            ControlListen::Off | ControlListen::OnAdmin => None,
+        }
+    }
 }
 
 /// The resolved configuration of `redis-entra-proxy injector`.
@@ -154,10 +171,47 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Upper bound for TCP connect + TLS handshake + `AUTH` of one upstream connection.
     pub connect_timeout: Duration,
+    /// Whether the upstream is served as a Redis Cluster (one local listener per node).
+    pub cluster: ClusterConfig,
     /// Non-fatal findings (an ignored connection-string key, an open listener, ...) for
     /// `main` to log as warnings. Parsing happens before logging is set up (the log format is
     /// itself an option), so they are kept here rather than logged on the spot. No secrets.
     pub warnings: Vec<String>,
+}
+
+/// `--cluster auto|on|off`: whether the upstream is an OSS-clustered cache, whose clients
+/// connect to every node, so that every node needs a local listener of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterMode {
+    /// Ask the upstream once at start (`CLUSTER NODES` answers only on a cluster).
+    Auto,
+    /// A cluster: fail loudly if it is not one.
+    On,
+    /// One upstream address, relayed as it is.
+    Off,
+}
+
+/// Where node listeners go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterPorts {
+    /// The ports `start..=end`, handed out in order, a port per node for the life of the process.
+    Range(u16, u16),
+    /// `--listen` has port 0 (tests, ad-hoc runs): every node listener gets an ephemeral port.
+    Ephemeral,
+}
+
+/// The cluster mode's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `--cluster`.
+    pub mode: ClusterMode,
+    /// `--cluster-ports` (default: the `max_nodes` ports after `--listen`'s).
+    pub ports: ClusterPorts,
+    /// `--cluster-max-nodes`: a topology naming more nodes gets no more listeners.
+    pub max_nodes: usize,
+    /// `--cluster-refresh`: how often the topology is read again (also at once after a
+    /// `MOVED` or a node that refused a connection).
+    pub refresh: Duration,
 }
 
 /// Where the proxy listens for applications.
@@ -286,6 +340,9 @@ impl Config {
         }
         if self.warm_connections > 0 {
             parts.push(format!("warm_connections={}", self.warm_connections));
+        }
+        if self.cluster.mode == ClusterMode::On {
+            parts.push(format!("cluster=on {}", self.cluster.describe()));
         }
         parts.join(" ")
     }
@@ -637,6 +694,9 @@ struct ProxyArgs {
     /// Where and how applications connect.
     #[command(flatten)]
     clients: ClientArgs,
+    /// The cluster mode.
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Health, shutdown and logs.
     #[command(flatten)]
     ops: OpsArgs,
@@ -737,6 +797,26 @@ struct ClientArgs {
     warm_connections: Option<String>,
 }
 
+/// The cluster mode: a local listener per node of an OSS-clustered cache.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Cluster")]
+struct ClusterArgs {
+    /// auto, on or off: serve a clustered cache with one local listener per node; auto asks the
+    /// cache at start [env: REDIS_PROXY_CLUSTER] [default: auto]
+    #[arg(long, value_name = "MODE")]
+    cluster: Option<String>,
+    /// START-END: the node listeners' ports [env: REDIS_PROXY_CLUSTER_PORTS] [default: the
+    /// --cluster-max-nodes ports after --listen's]
+    #[arg(long, value_name = "RANGE")]
+    cluster_ports: Option<String>,
+    /// Most nodes served at once [env: REDIS_PROXY_CLUSTER_MAX_NODES] [default: 100]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    cluster_max_nodes: Option<String>,
+    /// How often the topology is read again [env: REDIS_PROXY_CLUSTER_REFRESH] [default: 10s]
+    #[arg(long, value_name = "DUR")]
+    cluster_refresh: Option<String>,
+}
+
 /// Health, shutdown and logs.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Operations")]
@@ -824,6 +904,10 @@ options! {
     LISTEN_PASSWORD = "--listen-password", "REDIS_PROXY_LISTEN_PASSWORD", Hidden;
     MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS", Shown;
     WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS", Shown;
+    CLUSTER = "--cluster", "REDIS_PROXY_CLUSTER", Shown;
+    CLUSTER_PORTS = "--cluster-ports", "REDIS_PROXY_CLUSTER_PORTS", Shown;
+    CLUSTER_MAX_NODES = "--cluster-max-nodes", "REDIS_PROXY_CLUSTER_MAX_NODES", Shown;
+    CLUSTER_REFRESH = "--cluster-refresh", "REDIS_PROXY_CLUSTER_REFRESH", Shown;
     ADMIN_LISTEN = "--admin-listen", "REDIS_PROXY_ADMIN_LISTEN", Shown;
     CONTROL_LISTEN = "--control-listen", "REDIS_PROXY_CONTROL_LISTEN", Shown;
     SHUTDOWN_DELAY = "--shutdown-delay", "REDIS_PROXY_SHUTDOWN_DELAY", Shown;
@@ -1055,6 +1139,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         upstream: up,
         auth: au,
         clients,
+        cluster,
         ops,
     } = args;
     let mut warnings = Vec::new();
@@ -1113,6 +1198,24 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
     }
     let count = "a number of connections such as 0 or 4";
     let admin = admin_listen(&ops.admin_listen, lookup)?;
+    let control = control_listen(&ops.control_listen, lookup, admin.as_deref())?;
+    let database = lookup
+        .parse(
+            &up.database,
+            DATABASE,
+            parse_number,
+            "a database number such as 0",
+        )?
+        .or(cs.database)
+        .unwrap_or(0);
+    let cluster = cluster_config(
+        &cluster,
+        lookup,
+        &listen,
+        &[admin.as_deref(), control.address()],
+        database,
+        &mut warnings,
+    )?;
     Ok(Config {
         tls_server_name,
         upstream_host,
@@ -1120,15 +1223,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         tls,
         ca_file: ca_file(&up.ca_file, CA_FILE, lookup)?,
         token_ca_file: ca_file(&au.token_ca_file, TOKEN_CA_FILE, lookup)?,
-        database: lookup
-            .parse(
-                &up.database,
-                DATABASE,
-                parse_number,
-                "a database number such as 0",
-            )?
-            .or(cs.database)
-            .unwrap_or(0),
+        database,
         auth,
         scope: lookup
             .get(&au.scope, SCOPE)
@@ -1163,7 +1258,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
                 count,
             )?
             .unwrap_or(0),
-        control_listen: control_listen(&ops.control_listen, lookup, admin.as_deref())?,
+        control_listen: control,
         admin_listen: admin,
         shutdown_delay: lookup
             .duration(&ops.shutdown_delay, SHUTDOWN_DELAY)?
@@ -1187,8 +1282,154 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
                 "a duration above zero such as 10s",
             )?
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        cluster,
         warnings,
     })
+}
+
+/// The cluster options, checked against where the proxy listens: node listeners go on
+/// `--listen`'s IP, so a unix socket can't serve a cluster; their ports must not be anyone
+/// else's; and a cluster has database 0 only.
+fn cluster_config(
+    args: &ClusterArgs,
+    lookup: &Lookup,
+    listen: &ListenAddr,
+    others: &[Option<&str>],
+    database: u32,
+    warnings: &mut Vec<String>,
+) -> Result<ClusterConfig, ConfigError> {
+    let mode_given = lookup.get(&args.cluster, CLUSTER);
+    let mut mode = mode_given
+        .as_ref()
+        .map(|given| given.parse(parse_cluster_mode, "auto, on or off"))
+        .transpose()?
+        .unwrap_or(ClusterMode::Auto);
+    let max_nodes = lookup
+        .parse(
+            &args.cluster_max_nodes,
+            CLUSTER_MAX_NODES,
+            |v| parse_number::<usize>(v).filter(|n| (1..=MAX_CLUSTER_NODES).contains(n)),
+            "a number of nodes from 1 to 1000",
+        )?
+        .unwrap_or(DEFAULT_CLUSTER_MAX_NODES);
+    let refresh = lookup
+        .parse(
+            &args.cluster_refresh,
+            CLUSTER_REFRESH,
+            |v| parse_duration(v).filter(|d| *d >= Duration::from_millis(100)),
+            "a duration of at least 100ms such as 10s",
+        )?
+        .unwrap_or(DEFAULT_CLUSTER_REFRESH);
+    let listen_port = match listen {
+        ListenAddr::Tcp(addr) => parse_host_port(addr).ok().and_then(|(_, port)| port),
+        ListenAddr::Unix(_) => None,
+    };
+    if matches!(listen, ListenAddr::Unix(_)) {
+        match mode {
+            ClusterMode::On => {
+                return Err(ConfigError(
+                    "--cluster on needs a TCP --listen address: cluster clients reach every \
+                     node at host:port, which a unix socket can't give them"
+                        .to_string(),
+                ));
+            }
+            ClusterMode::Auto => mode = ClusterMode::Off,
+            ClusterMode::Off => {}
+        }
+    }
+    if database != 0 {
+        match mode {
+            ClusterMode::On => {
+                return Err(ConfigError(format!(
+                    "--cluster on with database {database}: a Redis Cluster has database 0 \
+                     only; remove --database (or defaultDatabase) or use --cluster off"
+                )));
+            }
+            ClusterMode::Auto => mode = ClusterMode::Off,
+            ClusterMode::Off => {}
+        }
+    }
+    let ports_given = lookup.get(&args.cluster_ports, CLUSTER_PORTS);
+    let ports = match (&ports_given, listen_port) {
+        (Some(given), _) => {
+            let (start, end) = given.parse(
+                parse_port_range,
+                "START-END with ports 1-65535, e.g. 6380-6479",
+            )?;
+            ClusterPorts::Range(start, end)
+        }
+        (None, Some(0)) => ClusterPorts::Ephemeral,
+        (None, Some(port)) => {
+            let last = usize::from(port) + max_nodes;
+            if mode != ClusterMode::Off && last > usize::from(u16::MAX) {
+                return Err(ConfigError(format!(
+                    "--listen port {port} leaves no room for {max_nodes} node ports after it: \
+                     set --cluster-ports START-END"
+                )));
+            }
+            ClusterPorts::Range(
+                port.saturating_add(1),
+                u16::try_from(last).unwrap_or(u16::MAX),
+            )
+        }
+        (None, None) => ClusterPorts::Ephemeral,
+    };
+    if let (ClusterPorts::Range(start, end), true) = (ports, mode != ClusterMode::Off) {
+        let clashes = std::iter::once(listen_port)
+            .chain(others.iter().map(|addr| {
+                addr.and_then(|a| parse_host_port(a).ok())
+                    .and_then(|(_, port)| port)
+            }))
+            .flatten()
+            .find(|port| (start..=end).contains(port));
+        if let Some(port) = clashes {
+            let from = ports_given.as_ref().map_or(
+                "--cluster-ports (by default the ports after --listen's)",
+                |g| g.origin,
+            );
+            return Err(ConfigError(format!(
+                "{from} {start}-{end} holds port {port}, which --listen, --admin-listen or \
+                     --control-listen already uses: give the node listeners a range of their own"
+            )));
+        }
+    }
+    if mode == ClusterMode::Auto && matches!(listen, ListenAddr::Unix(_)) {
+        warnings.push("cluster mode is off: --listen is a unix socket".to_string());
+    }
+    Ok(ClusterConfig {
+        mode,
+        ports,
+        max_nodes,
+        refresh,
+    })
+}
+
+impl ClusterConfig {
+    /// `cluster_ports=… cluster_max_nodes=…`, for the log.
+    pub fn describe(&self) -> String {
+        let ports = match self.ports {
+            ClusterPorts::Range(start, end) => format!("{start}-{end}"),
+            ClusterPorts::Ephemeral => "ephemeral".to_string(),
+        };
+        format!("cluster_ports={ports} cluster_max_nodes={}", self.max_nodes)
+    }
+}
+
+/// `auto`, `on` or `off` (also `true`/`false`).
+fn parse_cluster_mode(value: &str) -> Option<ClusterMode> {
+    match value.to_ascii_lowercase().as_str() {
+        "auto" => Some(ClusterMode::Auto),
+        "on" | "true" | "yes" => Some(ClusterMode::On),
+        "off" | "false" | "no" => Some(ClusterMode::Off),
+        _ => None,
+    }
+}
+
+/// `START-END`, both dialable ports, `START <= END`.
+fn parse_port_range(value: &str) -> Option<(u16, u16)> {
+    let (start, end) = value.split_once('-')?;
+    let (start, end) = (parse_port(start.trim())?, parse_port(end.trim())?);
+    (start <= end).then_some((start, end))
 }
 
 /// Host and port of the cache. `--upstream`/`AZURE_REDIS_HOST` replaces the connection
@@ -3015,6 +3256,118 @@ mod tests {
         for not_an_option in ["--Secret", "--s3cret", "-x", "--", "--a", "word"] {
             assert!(!looks_like_an_option_name(not_an_option), "{not_an_option}");
         }
+    }
+
+    #[test]
+    fn cluster_options_default_to_auto_and_the_ports_after_listen() {
+        let c = config(&["--upstream", "h", "--auth", "none"], &[]);
+        assert_eq!(
+            c.cluster,
+            ClusterConfig {
+                mode: ClusterMode::Auto,
+                ports: ClusterPorts::Range(6380, 6479),
+                max_nodes: 100,
+                refresh: Duration::from_secs(10),
+            }
+        );
+        let c = config(
+            &[
+                "--upstream",
+                "h",
+                "--auth",
+                "none",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &[
+                ("REDIS_PROXY_CLUSTER", "ON"),
+                ("REDIS_PROXY_CLUSTER_MAX_NODES", "7"),
+                ("REDIS_PROXY_CLUSTER_REFRESH", "1s"),
+            ],
+        );
+        assert_eq!(
+            (c.cluster.mode, c.cluster.ports, c.cluster.max_nodes),
+            (ClusterMode::On, ClusterPorts::Ephemeral, 7)
+        );
+        assert_eq!(c.cluster.refresh, Duration::from_secs(1));
+        let c = config(
+            &[
+                "--upstream",
+                "h",
+                "--auth",
+                "none",
+                "--cluster-ports",
+                "7000-7002",
+            ],
+            &[],
+        );
+        assert_eq!(c.cluster.ports, ClusterPorts::Range(7000, 7002));
+        // Auto turns itself off where a cluster can't be served.
+        let c = config(
+            &["--upstream", "h", "--auth", "none", "--database", "2"],
+            &[],
+        );
+        assert_eq!(c.cluster.mode, ClusterMode::Off);
+        let c = config(
+            &[
+                "--upstream",
+                "h",
+                "--auth",
+                "none",
+                "--listen",
+                "unix:/tmp/x.sock",
+            ],
+            &[],
+        );
+        assert_eq!(c.cluster.mode, ClusterMode::Off);
+    }
+
+    #[test]
+    fn bad_cluster_options_are_refused_with_the_reason() {
+        let base = ["--upstream", "h", "--auth", "none"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            error(&args, &[])
+        };
+        let line = with(&["--cluster", "maybe"]);
+        assert!(
+            line.contains("invalid --cluster 'maybe': expected auto, on or off"),
+            "{line}"
+        );
+        let line = with(&["--cluster-ports", "7000"]);
+        assert!(line.contains("invalid --cluster-ports '7000'"), "{line}");
+        let line = with(&["--cluster-ports", "7002-7000"]);
+        assert!(line.contains("START-END"), "{line}");
+        let line = with(&["--cluster-max-nodes", "0"]);
+        assert!(line.contains("from 1 to 1000"), "{line}");
+        let line = with(&["--cluster-refresh", "1ms"]);
+        assert!(line.contains("at least 100ms"), "{line}");
+        let line = with(&["--cluster-ports", "9000-9100"]);
+        assert!(line.contains("holds port 9090"), "{line}");
+        let line = with(&["--cluster-ports", "6000-7000"]);
+        assert!(line.contains("holds port 6379"), "{line}");
+        let line = with(&["--cluster", "on", "--listen", "unix:/tmp/x.sock"]);
+        assert!(line.contains("needs a TCP --listen"), "{line}");
+        let line = with(&["--cluster", "on", "--database", "3"]);
+        assert!(line.contains("database 0 only"), "{line}");
+        let line = with(&["--cluster", "on", "--listen", "127.0.0.1:65500"]);
+        assert!(line.contains("leaves no room"), "{line}");
+        // Off ignores what only a cluster would need.
+        let c = config(
+            &[
+                "--upstream",
+                "h",
+                "--auth",
+                "none",
+                "--cluster",
+                "off",
+                "--cluster-ports",
+                "6000-7000",
+            ],
+            &[],
+        );
+        assert_eq!(c.cluster.mode, ClusterMode::Off);
     }
 
     #[test]

@@ -61,6 +61,11 @@ pub struct Connector {
 impl Connector {
     /// A valid credential (unless `--auth none`) and a connection authenticated with it.
     pub async fn open(&self) -> Result<Ready, OpenError> {
+        self.open_to(&self.upstream).await
+    }
+
+    /// The same, to another node of a clustered cache (see [`Upstream::for_node`]).
+    pub async fn open_to(&self, upstream: &Upstream) -> Result<Ready, OpenError> {
         let credential = if self.authenticate {
             let c = self.credentials.wait_current(self.connect_timeout).await;
             Some(c.map_err(|e| OpenError::NoCredential(e.to_string()))?)
@@ -68,7 +73,7 @@ impl Connector {
             None
         };
         let started = Instant::now();
-        match self.upstream.connect(credential.as_deref()).await {
+        match upstream.connect(credential.as_deref()).await {
             Ok(stream) => {
                 self.metrics
                     .upstream_connect_seconds

@@ -10,6 +10,8 @@
 //! * [`resp`]: RESP delimiting, exactly as Redis delimits requests.
 //! * [`relay`]: the per-connection relay and **re-authentication**; every condition under which
 //!   an `AUTH` may be injected is in [`relay::state`].
+//! * `cluster`: the cluster mode (`--cluster`): a local listener per node of an OSS-clustered
+//!   cache, node addresses rewritten in replies, the topology kept current.
 //! * [`server`]: the listener that accepts applications and starts one relay per client.
 //! * [`check`]: the `check` subcommand that runs the whole path once.
 //! * [`metrics`], [`health`], [`shutdown`]: what operators see and how the process stops.
@@ -21,6 +23,7 @@
 
 pub mod admin;
 pub mod check;
+mod cluster;
 pub mod config;
 pub mod connector;
 pub mod credential;

@@ -63,6 +63,12 @@ pub struct Metrics {
     /// `redis_proxy_client_auth_failures_total`: client `AUTH` / `HELLO … AUTH` attempts with a
     /// wrong `--listen-password`.
     pub client_auth_failures: IntCounter,
+    /// `redis_proxy_cluster_nodes`: cluster nodes with a local listener now (cluster mode).
+    pub cluster_nodes: IntGauge,
+    /// `redis_proxy_cluster_topology_changes_total`: nodes that appeared, left or moved.
+    pub cluster_topology_changes: IntCounter,
+    /// `redis_proxy_cluster_refreshes_total{result}`: topology reads, `ok` or `failure`.
+    pub cluster_refreshes: IntCounterVec,
     deadline: Gauge,
     deadlines: Mutex<Deadlines>,
 }
@@ -124,6 +130,19 @@ impl Metrics {
                 "redis_proxy_client_auth_failures_total",
                 "Client AUTH attempts with a wrong --listen-password (each makes that connection's next attempt wait longer).",
             ),
+            cluster_nodes: gauge(
+                "redis_proxy_cluster_nodes",
+                "Cluster nodes served on a local listener of their own now (--cluster).",
+            ),
+            cluster_topology_changes: counter(
+                "redis_proxy_cluster_topology_changes_total",
+                "Cluster nodes that appeared, left or changed address since start.",
+            ),
+            cluster_refreshes: counter_vec(
+                "redis_proxy_cluster_refreshes_total",
+                "Reads of the cluster topology, by result (ok, failure).",
+                "result",
+            ),
             deadline: Gauge::new(
                 "redis_proxy_reauth_deadline_timestamp_seconds",
                 "Earliest moment (Unix time) at which a live upstream connection's authentication \
@@ -163,6 +182,9 @@ impl Metrics {
             Box::new(self.bytes_to_client.clone()),
             Box::new(self.commands.clone()),
             Box::new(self.client_auth_failures.clone()),
+            Box::new(self.cluster_nodes.clone()),
+            Box::new(self.cluster_topology_changes.clone()),
+            Box::new(self.cluster_refreshes.clone()),
             Box::new(self.deadline.clone()),
         ]
     }

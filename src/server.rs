@@ -8,6 +8,8 @@
 //! 0; a second signal exits at once).
 
 use crate::admin::{AdminServer, AdminState};
+use crate::cluster::registry::{NewListener, NodeHandle};
+use crate::cluster::{Cluster, Detected};
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::connector::{Connector, OpenError, Ready};
 use crate::credential::{AuthKind, CredentialManager};
@@ -17,6 +19,7 @@ use crate::pool::WarmPool;
 use crate::relay::{RelayContext, Session, SessionEnd};
 use crate::shutdown::Shutdown;
 use crate::upstream::{Upstream, tune_socket};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -55,6 +58,17 @@ struct Shared {
     /// Cancelled when the grace period is over: live sessions end.
     close_sessions: CancellationToken,
     next_id: AtomicU64,
+    /// Cluster mode (`--cluster auto|on`), with a TCP listener.
+    cluster: Option<Arc<Cluster>>,
+}
+
+/// Which upstream a listener's clients are relayed to.
+#[derive(Clone)]
+enum Target {
+    /// The configured upstream (`--listen`).
+    Seed,
+    /// One node of a clustered cache (a node listener of the cluster mode).
+    Node(Arc<NodeHandle>),
 }
 
 /// A bound listener, TCP or unix socket.
@@ -88,6 +102,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         authenticate,
         connect_timeout: config.connect_timeout,
     });
+    let cluster = match &listener {
+        Listener::Tcp(l) => l.local_addr().ok().and_then(|addr| {
+            Cluster::new(
+                &config.cluster,
+                &connector.upstream,
+                &config.upstream_host,
+                config.tls,
+                addr.ip(),
+                metrics.clone(),
+            )
+        }),
+        Listener::Unix(..) => None,
+    };
     let pool = (config.warm_connections > 0).then(|| {
         WarmPool::start(
             config.warm_connections,
@@ -112,6 +139,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         max_connections: config.max_connections,
         close_sessions: CancellationToken::new(),
         next_id: AtomicU64::new(1),
+        cluster: cluster.as_ref().map(|(c, _)| c.clone()),
     });
     tokio::spawn(startup_probe(shared.clone(), stop_background.clone()));
     let state = AdminState {
@@ -125,6 +153,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
+    if let Some((cluster, listeners)) = cluster {
+        tokio::spawn(cluster.run(shared.connector.clone(), stop_background.clone()));
+        tokio::spawn(node_listeners(
+            listeners,
+            shared.clone(),
+            tracker.clone(),
+            stop_accepting.clone(),
+        ));
+    }
     let lifecycle = tokio::spawn(lifecycle(
         shutdown.clone(),
         shared.health.clone(),
@@ -167,6 +204,10 @@ async fn startup_probe(shared: Arc<Shared>, stop: CancellationToken) {
     while !shared.health.started() && !stop.is_cancelled() {
         match shared.connector.open().await {
             Ok(_) => {
+                if let Some(cluster) = &shared.cluster {
+                    // Seed clients wait for this too: whether replies are rewritten.
+                    cluster.detected(Duration::from_secs(60)).await;
+                }
                 shared.health.mark_started();
                 tracing::info!(upstream = %upstream, "ready: an upstream connection authenticated");
                 return;
@@ -281,23 +322,95 @@ async fn accept(
         Listener::Tcp(l) => {
             let (stream, _) = l.accept().await?;
             tune_socket(&stream);
-            tracker.spawn(serve(stream, shared.clone()));
+            let local_ip = stream.local_addr().ok().map(|a| a.ip());
+            tracker.spawn(serve(stream, shared.clone(), Target::Seed, local_ip));
         }
         Listener::Unix(l, _) => {
             let (stream, _) = l.accept().await?;
-            tracker.spawn(serve(stream, shared.clone()));
+            tracker.spawn(serve(stream, shared.clone(), Target::Seed, None));
         }
     }
     Ok(())
 }
 
+/// Accepts on each node listener the cluster mode opens, until shutdown.
+async fn node_listeners(
+    mut listeners: tokio::sync::mpsc::UnboundedReceiver<NewListener>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    while let Some(new) = listeners.recv().await {
+        tokio::spawn(node_accept_loop(
+            new,
+            shared.clone(),
+            tracker.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
+/// One node listener: its clients are relayed to that node; once the node has left the
+/// cluster, new clients are told so (until the listener closes, when no client is left).
+async fn node_accept_loop(
+    new: NewListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    let NewListener { node, listener } = new;
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(node = %node.addr, error = %e, "cluster: cannot accept on the node's listener");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = node.close.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) if node.retired() => {
+                let reason = format!(
+                    "local port {} served cluster node {}, which has left the cluster: this \
+                     port is retired; ask the cluster for its topology again (CLUSTER SLOTS)",
+                    node.local_port, node.addr
+                );
+                tracker.spawn(reject(stream, reason));
+            }
+            Ok((stream, _)) => {
+                tune_socket(&stream);
+                let local_ip = stream.local_addr().ok().map(|a| a.ip());
+                tracker.spawn(serve(
+                    stream,
+                    shared.clone(),
+                    Target::Node(node.clone()),
+                    local_ip,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// One client: a connection slot, a credential, an authenticated upstream, then the relay.
-async fn serve<C>(client: C, shared: Arc<Shared>)
+/// `local_ip`: where the client reached the proxy (cluster mode names nodes there).
+async fn serve<C>(client: C, shared: Arc<Shared>, target: Target, local_ip: Option<IpAddr>)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let _client = ClientGuard::new(&shared);
+    let _node_client = match &target {
+        Target::Node(node) => Some(node.client()),
+        Target::Seed => None,
+    };
     let Some(_permit) = take_slot(&shared) else {
         let reason = format!(
             "too many connections (--max-connections {})",
@@ -309,31 +422,36 @@ where
             .client_rejections
             .with_label_values(&["max_connections"])
             .inc();
-        return reject(client, &reason).await;
+        return reject(client, reason).await;
     };
     let credentials = shared.connector.credentials.subscribe();
     let session = if shared.relay.listen_password.is_some() {
         // The upstream connection is opened only once the client has given the password, so
         // that anyone who can reach the listener can't use up the cache's connections.
         let opener_shared = shared.clone();
+        let opener_target = target.clone();
         let opener: crate::relay::Opener<crate::upstream::UpstreamStream> = Box::new(move || {
             Box::pin(async move {
-                open_upstream(&opener_shared, id)
+                open_upstream(&opener_shared, id, &opener_target)
                     .await
                     .map_err(|e| e.to_string())
             })
         });
         Session::with_opener(id, shared.relay.clone(), client, opener, credentials)
     } else {
-        match open_upstream(&shared, id).await {
+        match open_upstream(&shared, id, &target).await {
             Ok(ready) => Session::new(id, shared.relay.clone(), client, ready, credentials),
-            Err(e) => return reject(client, &e.to_string()).await,
+            Err(e) => return reject(client, e.to_string()).await,
         }
     };
+    let mut session = session;
+    if let Some(view) = cluster_view(&shared, &target, local_ip).await {
+        session.set_cluster(view);
+    }
     tracing::debug!(conn = id, "connected");
-    let (end, recycled) = match &shared.pool {
-        Some(_) => session.run_and_recycle(shared.close_sessions.clone()).await,
-        None => (session.run(shared.close_sessions.clone()).await, None),
+    let (end, recycled) = match (&shared.pool, &target) {
+        (Some(_), Target::Seed) => session.run_and_recycle(shared.close_sessions.clone()).await,
+        _ => (session.run(shared.close_sessions.clone()).await, None),
     };
     if let (Some(pool), Some(r)) = (&shared.pool, recycled) {
         pool.give_back(r);
@@ -348,16 +466,49 @@ where
     }
 }
 
+/// Cluster mode: what a session rewrites through. A seed session waits (once its upstream is
+/// open, so an unreachable cache is reported at once) until `auto` has found out whether the
+/// cache is a cluster.
+async fn cluster_view(
+    shared: &Shared,
+    target: &Target,
+    local_ip: Option<IpAddr>,
+) -> Option<crate::cluster::ClusterView> {
+    let (Some(cluster), Some(ip)) = (&shared.cluster, local_ip) else {
+        return None;
+    };
+    let is_cluster = match target {
+        Target::Node(_) => true,
+        Target::Seed => {
+            cluster.detected(shared.connector.connect_timeout).await == Detected::Cluster
+        }
+    };
+    is_cluster.then(|| cluster.view(ip))
+}
+
 /// An authenticated upstream connection for client `id`: from the warm pool if it has one,
 /// otherwise a new one. A failure is counted as a rejection and logged.
-async fn open_upstream(shared: &Shared, id: u64) -> Result<Ready, OpenError> {
-    let warm = match &shared.pool {
-        Some(pool) => pool.take().await,
-        None => None,
+async fn open_upstream(shared: &Shared, id: u64, target: &Target) -> Result<Ready, OpenError> {
+    let node = match target {
+        Target::Node(node) => Some(node),
+        Target::Seed => None,
     };
-    let opened = match warm {
-        Some(ready) => Ok(ready),
-        None => shared.connector.open().await,
+    let warm = match (&shared.pool, node) {
+        (Some(pool), None) => pool.take().await,
+        _ => None,
+    };
+    let opened = match (warm, node) {
+        (Some(ready), _) => Ok(ready),
+        (None, None) => shared.connector.open().await,
+        (None, Some(node)) => {
+            let opened = shared.connector.open_to(&node.upstream).await;
+            if opened.is_err()
+                && let Some(cluster) = &shared.cluster
+            {
+                cluster.refresh_soon(); // the node may have moved or gone
+            }
+            opened
+        }
     };
     match opened {
         Ok(ready) => {
@@ -440,8 +591,8 @@ fn take_slot(shared: &Shared) -> Option<Option<OwnedSemaphorePermit>> {
 
 /// Tells a client why it can't be served (one RESP error), then closes. Input it already sent
 /// is read and dropped briefly so the close doesn't turn into a reset that hides the error.
-async fn reject<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, reason: &str) {
-    let _ = client.write_all(&crate::relay::proxy_error(reason)).await;
+async fn reject<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, reason: String) {
+    let _ = client.write_all(&crate::relay::proxy_error(&reason)).await;
     let _ = client.shutdown().await;
     let mut sink = [0u8; 1024];
     let drain = async { while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {} };

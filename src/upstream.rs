@@ -159,6 +159,18 @@ impl Upstream {
         })
     }
 
+    /// The same settings for another node of a clustered cache: dialled at `host:port` (the
+    /// address the cluster names it by, an IP on Azure), and still verified against the
+    /// configured TLS server name, which is the only name the cache's certificate holds.
+    pub fn for_node(&self, host: &str, port: u16) -> Upstream {
+        Upstream {
+            host: host.to_string(),
+            port,
+            database: 0,
+            ..self.clone()
+        }
+    }
+
     /// `host:port` of the cache, for messages.
     pub fn addr(&self) -> String {
         if self.host.contains(':') {

@@ -113,3 +113,101 @@ async fn check_runs_entra_over_plaintext_only_with_the_insecure_flag() {
         out.all()
     );
 }
+
+/// `check` against a real TLS Redis Cluster (certificate for `cache.test` only, nodes announced
+/// by IP): the clustering it found, then every node reached on its own address, TLS verified
+/// against the host name, authenticated.
+#[tokio::test]
+async fn check_reports_the_cluster_and_every_node() {
+    let cluster = support::TestCluster::start(support::ClusterOptions::access_key()).await;
+    let upstream = format!("127.0.0.1:{}", cluster.front_port(0));
+    let ca = cluster.pki().ca_path();
+    let ca = ca.to_string_lossy();
+    let args = [
+        "check",
+        "--upstream",
+        upstream.as_str(),
+        "--tls-server-name",
+        cluster.host_name(),
+        "--ca-file",
+        &ca,
+        "--auth",
+        "access-key",
+        "--connect-timeout",
+        "3s",
+    ];
+    let env = [("AZURE_REDIS_PASSWORD", cluster.access_key())];
+    let out = run_to_end(&args, &env).await;
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("cluster: a cluster of 3 nodes (3 masters)"),
+        "{}",
+        out.all()
+    );
+    for node in 0..3 {
+        let line = format!(
+            "cluster: node 127.0.0.1:{} (master of ",
+            cluster.front_port(node)
+        );
+        assert!(
+            out.stdout.contains(&line),
+            "missing {line:?} in\n{}",
+            out.all()
+        );
+    }
+    assert_eq!(
+        out.stdout
+            .matches("TLS verified as cache.test, authenticated, PING ok")
+            .count(),
+        3,
+        "{}",
+        out.all()
+    );
+    assert!(!out.all().contains(cluster.access_key()), "the key leaked");
+
+    // A dead node is named, and the check fails.
+    cluster.kill_node(2).await;
+    let out = run_to_end(&args, &env).await;
+    assert_eq!(out.code(), Some(1), "{}", out.all());
+    let dead = format!("cluster: node 127.0.0.1:{} (", cluster.front_port(2));
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with(&dead) && l.contains("FAILED")),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.stdout
+            .contains("result: FAILED: cluster: 1 node(s) not usable"),
+        "{}",
+        out.all()
+    );
+
+    // `--cluster off` skips the step; `on` against a plain server fails clearly.
+    let mut off = args.to_vec();
+    off.extend(["--cluster", "off"]);
+    let out = run_to_end(&off, &env).await;
+    assert!(!out.stdout.contains("cluster:"), "{}", out.all());
+}
+
+#[tokio::test]
+async fn check_with_cluster_on_fails_on_a_cache_that_is_not_a_cluster() {
+    let setup = Setup::access_key().await;
+    let out = check(&setup, &["--cluster", "on"], &[]).await;
+    assert_eq!(out.code(), Some(1), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("--cluster on, but the cache is not a cluster (CLUSTER NODES: ERR This instance has cluster support disabled)"),
+        "{}",
+        out.all()
+    );
+    let out = check(&setup, &[], &[]).await;
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("cluster: not a cluster"),
+        "{}",
+        out.all()
+    );
+}

@@ -475,7 +475,7 @@ fn every_golden_pod_is_a_complete_v1_pod() {
         assert!(pod["spec"]["containers"].is_array(), "{}", path.display());
         seen += 1;
     }
-    assert_eq!(seen, 6);
+    assert_eq!(seen, 7);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -997,4 +997,160 @@ async fn the_injected_sidecar_serves_redis_with_its_own_args_and_env() {
         "{}",
         proxy.output()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster mode (issue 14): `cluster`, `cluster-ports`, `cluster-max-nodes`.
+// ---------------------------------------------------------------------------------------------
+
+/// The `plain` fixture's pod with `annotations` added and, when given, app container ports.
+fn cluster_review(annotations: &[(&str, &str)], ports: &[u16]) -> Vec<u8> {
+    let mut pod = review_json("plain")["request"]["object"].clone();
+    for (name, value) in annotations {
+        pod["metadata"]["annotations"][format!("redis-entra-proxy.io/{name}")] = json!(value);
+    }
+    if !ports.is_empty() {
+        let ports: Vec<Value> = ports.iter().map(|p| json!({"containerPort": p})).collect();
+        pod["spec"]["containers"][0]["ports"] = json!(ports);
+    }
+    review_of(&pod, "plain")
+}
+
+fn cluster_answer(annotations: &[(&str, &str)], ports: &[u16]) -> Value {
+    let (response, _) =
+        review::answer(&cluster_review(annotations, ports), &chart_defaults()).expect("answered");
+    response["response"].clone()
+}
+
+#[test]
+fn cluster_annotations_become_the_sidecars_env() {
+    let pod = inject("cluster", &chart_defaults());
+    let env = &sidecars(&pod)[0]["env"];
+    assert_eq!(
+        *env,
+        json!([
+            {"name": "REDIS_PROXY_CLUSTER", "value": "on"},
+            {"name": "REDIS_PROXY_CLUSTER_PORTS", "value": "7000-7099"},
+            {"name": "REDIS_PROXY_CLUSTER_MAX_NODES", "value": "50"}
+        ])
+    );
+    // Only what is set is passed: none of them without the annotations.
+    let plain = inject("plain", &chart_defaults());
+    let env = sidecars(&plain)[0]["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        env.iter().all(|e| !e["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("REDIS_PROXY_CLUSTER")),
+        "{env:?}"
+    );
+    for value in ["auto", "on", "off"] {
+        let response = cluster_answer(&[("cluster", value)], &[]);
+        assert_eq!(response["allowed"], true, "{value}: {response}");
+    }
+    for (name, value) in [
+        ("cluster-ports", "1-1"),
+        ("cluster-ports", "65535-65535"),
+        ("cluster-max-nodes", "1"),
+        ("cluster-max-nodes", "1000"),
+    ] {
+        let response = cluster_answer(&[(name, value)], &[]);
+        assert_eq!(response["allowed"], true, "{name} {value}: {response}");
+    }
+    // The chart's defaults file carries the same fields.
+    let defaults = Options::from_defaults_json(
+        r#"{"upstream": "c:6380", "cluster": "on", "clusterPorts": "7000-7010", "clusterMaxNodes": 11}"#,
+    )
+    .expect("valid");
+    assert_eq!(defaults.cluster.as_deref(), Some("on"));
+    assert_eq!(defaults.cluster_ports, Some((7000, 7010)));
+    assert_eq!(defaults.cluster_max_nodes, Some(11));
+    let error = Options::from_defaults_json(r#"{"clusterMaxNodes": 0}"#).expect_err("0 nodes");
+    assert!(
+        error.starts_with("field \"clusterMaxNodes\": \"0\""),
+        "{error}"
+    );
+}
+
+#[test]
+fn bad_cluster_annotations_are_refused_with_the_annotation_and_what_is_expected() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("cluster", "yes")],
+            "redis-entra-proxy.io/cluster: \"yes\" is not one of auto, on, off",
+        ),
+        (
+            &[("cluster-ports", "7000")],
+            "redis-entra-proxy.io/cluster-ports: \"7000\" is not a port range: expected START-END",
+        ),
+        (
+            &[("cluster-ports", "7100-7000")],
+            "redis-entra-proxy.io/cluster-ports: \"7100-7000\" is not a port range",
+        ),
+        (
+            &[("cluster-ports", "0-10")],
+            "redis-entra-proxy.io/cluster-ports: \"0-10\" is not a port range",
+        ),
+        (
+            &[("cluster-ports", "7000-65536")],
+            "redis-entra-proxy.io/cluster-ports: \"7000-65536\" is not a port range",
+        ),
+        (
+            &[("cluster-ports", "6300-6400")],
+            "redis-entra-proxy.io/cluster-ports: \"6300-6400\" contains the sidecar's listen port 6379",
+        ),
+        (
+            &[("cluster-ports", "9000-9090")],
+            "redis-entra-proxy.io/cluster-ports: \"9000-9090\" contains the sidecar's admin port 9090",
+        ),
+        (
+            &[("cluster-ports", "9091-9200")],
+            "redis-entra-proxy.io/cluster-ports: \"9091-9200\" contains the sidecar's control port 9091",
+        ),
+        (
+            &[("cluster-max-nodes", "0")],
+            "redis-entra-proxy.io/cluster-max-nodes: \"0\" is not a number of cluster nodes (1..=1000)",
+        ),
+        (
+            &[("cluster-max-nodes", "1001")],
+            "redis-entra-proxy.io/cluster-max-nodes: \"1001\" is not a number of cluster nodes",
+        ),
+        (
+            &[("cluster", "on"), ("listen", "127.0.0.1:65500")],
+            "redis-entra-proxy.io/cluster: \"on\" needs 100 ports after the listen port 65500",
+        ),
+    ];
+    for (annotations, start) in cases {
+        assert_refused(&cluster_answer(annotations, &[]), start);
+    }
+}
+
+#[test]
+fn app_ports_inside_the_cluster_range_are_refused() {
+    let refused = "container \"web\" declares port 6400, inside the cluster-node ports 6380-6479";
+    assert_refused(
+        &cluster_answer(&[("cluster", "on")], &[8080, 6400]),
+        refused,
+    );
+    assert_refused(
+        &cluster_answer(&[("cluster-ports", "7000-7099")], &[7099]),
+        "container \"web\" declares port 7099, inside the cluster-node ports 7000-7099",
+    );
+    // A smaller cluster-max-nodes shrinks the default range; off (or auto without a range)
+    // binds nothing there.
+    let allowed = [
+        cluster_answer(&[("cluster", "on"), ("cluster-max-nodes", "10")], &[6400]),
+        cluster_answer(
+            &[("cluster", "off"), ("cluster-ports", "6380-6479")],
+            &[6400],
+        ),
+        cluster_answer(&[], &[6400]),
+        cluster_answer(&[("cluster-ports", "7000-7099")], &[6400, 7100]),
+    ];
+    for response in allowed {
+        assert_eq!(response["allowed"], true, "{response}");
+    }
 }

@@ -135,6 +135,30 @@ fn check_conflicts(spec: &Map<String, Value>, options: &Options) -> Result<(), S
             }
         }
     }
+    if let Some((start, end)) = options.cluster_range() {
+        for container in ["initContainers", "containers"]
+            .iter()
+            .flat_map(|list| array_at(spec, list))
+        {
+            let name = container.get("name").and_then(Value::as_str).unwrap_or("?");
+            let ports = container.get("ports").and_then(Value::as_array);
+            for port in ports.into_iter().flatten() {
+                let Some(number) = port.get("containerPort").and_then(Value::as_u64) else {
+                    continue;
+                };
+                if (u64::from(start)..=u64::from(end)).contains(&number) {
+                    return Err(format!(
+                        "container {name:?} declares port {number}, inside the cluster-node \
+                         ports {start}-{end} where the redis-entra-proxy sidecar listens for each \
+                         cluster node (redis-entra-proxy.io/cluster-ports, default the \
+                         cluster-max-nodes ports after the listen port): set \
+                         redis-entra-proxy.io/cluster-ports to a range without it, or \
+                         redis-entra-proxy.io/cluster to off"
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -100,6 +100,12 @@ pub struct Options {
     /// `--max-connections` when set (0: no limit); `None`: derived from the memory limit
     /// ([`Options::max_connections`]).
     pub max_connections: Option<u64>,
+    /// `REDIS_PROXY_CLUSTER` (auto, on, off), when set.
+    pub cluster: Option<String>,
+    /// `REDIS_PROXY_CLUSTER_PORTS` (START..=END), when set.
+    pub cluster_ports: Option<(u16, u16)>,
+    /// `REDIS_PROXY_CLUSTER_MAX_NODES` (1..=1000), when set.
+    pub cluster_max_nodes: Option<u16>,
     /// The admin port: `--admin-listen 0.0.0.0:PORT`, the container port and the probes'.
     pub admin_port: u16,
     /// `--log-format`.
@@ -125,6 +131,9 @@ pub struct DefaultsFile {
     listen_password_secret: Option<Scalar>,
     database: Option<Scalar>,
     max_connections: Option<Scalar>,
+    cluster: Option<Scalar>,
+    cluster_ports: Option<Scalar>,
+    cluster_max_nodes: Option<Scalar>,
     admin_port: Option<Scalar>,
     log_format: Option<Scalar>,
     image: Option<Scalar>,
@@ -215,6 +224,21 @@ const FIELDS: &[Field] = &[
         set: set_max_connections,
     },
     Field {
+        annotation: "cluster",
+        file_field: "cluster",
+        set: set_cluster,
+    },
+    Field {
+        annotation: "cluster-ports",
+        file_field: "clusterPorts",
+        set: set_cluster_ports,
+    },
+    Field {
+        annotation: "cluster-max-nodes",
+        file_field: "clusterMaxNodes",
+        set: set_cluster_max_nodes,
+    },
+    Field {
         annotation: "admin-port",
         file_field: "adminPort",
         set: set_admin_port,
@@ -269,6 +293,9 @@ impl Default for Options {
             listen_password_secret: None,
             database: 0,
             max_connections: None,
+            cluster: None,
+            cluster_ports: None,
+            cluster_max_nodes: None,
             admin_port: 9090,
             log_format: "json".into(),
             image: DEFAULT_IMAGE.into(),
@@ -296,6 +323,9 @@ impl Options {
             &file.listen_password_secret,
             &file.database,
             &file.max_connections,
+            &file.cluster,
+            &file.cluster_ports,
+            &file.cluster_max_nodes,
             &file.admin_port,
             &file.log_format,
             &file.image,
@@ -364,6 +394,26 @@ impl Options {
                  set {PREFIX}admin-port or {PREFIX}listen to another port",
                 self.listen, self.admin_port
             ));
+        }
+        if let Some((start, end)) = self.checked_cluster_ports()? {
+            let listen = listen_port(&self.listen);
+            let [admin, control] = self.admin_ports();
+            let taken = [
+                (listen, "listen"),
+                (Some(admin), "admin"),
+                (Some(control), "control"),
+            ];
+            if let Some((port, what)) = taken.iter().find_map(|(port, what)| {
+                port.filter(|p| (start..=end).contains(p))
+                    .map(|p| (p, what))
+            }) {
+                return Err(format!(
+                    "{PREFIX}cluster-ports: \"{start}-{end}\" contains the sidecar's {what} port \
+                     {port} (listen {:?}, admin {admin}, control {control}): set \
+                     {PREFIX}cluster-ports to a range without it",
+                    self.listen
+                ));
+            }
         }
         if self.listen_password_secret.is_none()
             && !is_loopback(&ListenAddr::Tcp(self.listen.clone()))
@@ -457,6 +507,19 @@ impl Options {
                 "secretKeyRef": {"name": secret.name, "key": secret.key}
             }}));
         }
+        if let Some(cluster) = &self.cluster {
+            env.push(json!({"name": "REDIS_PROXY_CLUSTER", "value": cluster}));
+        }
+        if let Some((start, end)) = self.cluster_ports {
+            env.push(
+                json!({"name": "REDIS_PROXY_CLUSTER_PORTS", "value": format!("{start}-{end}")}),
+            );
+        }
+        if let Some(max_nodes) = self.cluster_max_nodes {
+            env.push(
+                json!({"name": "REDIS_PROXY_CLUSTER_MAX_NODES", "value": max_nodes.to_string()}),
+            );
+        }
         if !env.is_empty() {
             extend(&mut container, json!({ "env": env }));
         }
@@ -513,6 +576,41 @@ impl Options {
         let mut ports = self.admin_ports().to_vec();
         ports.extend(listen_port(&self.listen));
         ports
+    }
+
+    /// The cluster-node ports the sidecar may bind, to compare with the app's and its own:
+    /// checked only when the pod asks for cluster mode (`cluster: on`) or names the range
+    /// (`cluster-ports`), and never with `cluster: off`. With `auto` and no range, the proxy
+    /// binds them only if the cache is a cluster, so existing pods are not refused for a port
+    /// they may never share. The range is the annotation's, else the `cluster-max-nodes`
+    /// (default 100) ports right after the listen port, as the proxy computes it.
+    pub fn cluster_range(&self) -> Option<(u16, u16)> {
+        self.checked_cluster_ports().ok().flatten()
+    }
+
+    /// [`Options::cluster_range`], with an error when `cluster: on` derives a range past 65535.
+    fn checked_cluster_ports(&self) -> Result<Option<(u16, u16)>, String> {
+        if self.cluster.as_deref() == Some("off") {
+            return Ok(None);
+        }
+        if let Some(range) = self.cluster_ports {
+            return Ok(Some(range));
+        }
+        if self.cluster.as_deref() != Some("on") {
+            return Ok(None);
+        }
+        let Some(listen) = listen_port(&self.listen) else {
+            return Ok(None);
+        };
+        let nodes = u32::from(self.cluster_max_nodes.unwrap_or(100));
+        let end = u32::from(listen) + nodes;
+        match u16::try_from(end) {
+            Ok(end) => Ok(Some((listen + 1, end))),
+            Err(_) => Err(format!(
+                "{PREFIX}cluster: \"on\" needs {nodes} ports after the listen port {listen}, \
+                 past 65535: set {PREFIX}cluster-ports to a free range"
+            )),
+        }
     }
 
     /// The admin port (on every address, for the kubelet) and the control port next to it (on
@@ -730,6 +828,36 @@ fn set_max_connections(options: &mut Options, value: &str) -> Result<(), String>
             .ok()
             .filter(|n| *n <= 1_000_000)
             .ok_or("is not a number of connections (0 for no limit, up to 1000000)")?,
+    );
+    Ok(())
+}
+
+fn set_cluster(options: &mut Options, value: &str) -> Result<(), String> {
+    options.cluster = Some(one_of(value, &["auto", "on", "off"])?);
+    Ok(())
+}
+
+fn set_cluster_ports(options: &mut Options, value: &str) -> Result<(), String> {
+    let expected = "is not a port range: expected START-END with 1 <= START <= END <= 65535, \
+                    e.g. 6380-6479";
+    let (start, end) = value.split_once('-').ok_or(expected)?;
+    let port = |text: &str| text.parse::<u16>().ok().filter(|p| *p >= 1);
+    match (port(start), port(end)) {
+        (Some(start), Some(end)) if start <= end => {
+            options.cluster_ports = Some((start, end));
+            Ok(())
+        }
+        _ => Err(expected.into()),
+    }
+}
+
+fn set_cluster_max_nodes(options: &mut Options, value: &str) -> Result<(), String> {
+    options.cluster_max_nodes = Some(
+        value
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or("is not a number of cluster nodes (1..=1000)")?,
     );
     Ok(())
 }

@@ -24,6 +24,8 @@ use super::pending::{Owner, Pending, ProxyCommand, SubKind};
 use super::state::{ConnState, Framing, Injection, Mode, Progress, Queued, Replies, Transaction};
 use super::translate::{self, PushFate};
 use super::{RelayContext, SessionEnd};
+use crate::cluster::ClusterView;
+use crate::cluster::rewrite::Topology;
 use crate::credential::AuthCredential;
 use crate::resp::{Args, Frame, Grammar, ProtocolError, Scanner, encode_command, split_inline};
 use crate::secret::Secret;
@@ -162,6 +164,8 @@ pub struct Core {
     resync: Option<Vec<u8>>,
     /// The session must end now (after delivering what `to_client` holds).
     end: Option<SessionEnd>,
+    /// Cluster mode: node addresses in `MOVED`/`ASK` and topology replies are rewritten.
+    cluster: Option<ClusterView>,
 }
 
 impl Core {
@@ -210,7 +214,13 @@ impl Core {
             protocol_error: None,
             resync: None,
             end: None,
+            cluster: None,
         }
+    }
+
+    /// Cluster mode: this session's replies name nodes by their local listeners.
+    pub(crate) fn set_cluster(&mut self, view: ClusterView) {
+        self.cluster = Some(view);
     }
 
     // ----- what the I/O loop reads and writes -------------------------------------------
@@ -628,6 +638,10 @@ impl Core {
     ) -> Disposition {
         let argc = args.argc();
         match cmd {
+            Command::Other if self.cluster.is_some() => match cluster_topology(Args::new(frame)) {
+                Some(which) => self.forward(frame, Owner::Topology(which)),
+                None => self.forward(frame, Owner::Client),
+            },
             Command::Other | Command::Stateful | Command::Exec | Command::Discard => {
                 self.forward(frame, Owner::Client)
             }
@@ -1610,6 +1624,17 @@ impl Core {
             }
             return self.finish_exec_elements();
         }
+        if frame.first() == Some(&b'-')
+            && let Some(rewritten) = self.cluster.as_ref().and_then(|c| c.redirect(frame))
+        {
+            // `MOVED`/`ASK` name a node: the client is sent to its local listener instead.
+            return self.owned_frame(&rewritten, now);
+        }
+        self.owned_frame(frame, now)
+    }
+
+    /// A complete reply frame that is not a push, a feed line or part of an `EXEC` array.
+    fn owned_frame(&mut self, frame: &[u8], now: Instant) {
         let Some(owner) = self.pending.pop() else {
             // Nobody expects a reply (e.g. a refused CLIENT REPLY OFF): it is the client's.
             self.to_client.extend_from_slice(frame);
@@ -1685,6 +1710,12 @@ impl Core {
             }
             Owner::SubscribedPing => translate::subscribed_ping(frame, &mut self.to_client),
             Owner::Blocking(call) => self.blocking_reply(frame, call, now),
+            Owner::Topology(which) => {
+                match self.cluster.as_ref().and_then(|c| c.topology(which, frame)) {
+                    Some(rewritten) => self.to_client.extend_from_slice(&rewritten),
+                    None => self.to_client.extend_from_slice(frame),
+                }
+            }
         }
     }
 
@@ -2051,6 +2082,15 @@ fn same_secret(given: &[u8], expected: &Secret) -> bool {
             .zip(expected)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// `CLUSTER SLOTS|SHARDS|NODES|REPLICAS|SLAVES`: a reply that names nodes.
+fn cluster_topology(mut args: Args<'_>) -> Option<Topology> {
+    let name = args.next()?;
+    if !name.eq_ignore_ascii_case(b"cluster") {
+        return None;
+    }
+    Topology::from_subcommand(args.next()?)
 }
 
 fn is_error(frame: &[u8]) -> bool {

@@ -105,6 +105,9 @@ pub enum Owner {
     Hidden(Box<Owner>),
     /// The client's `CLIENT TRACKING`: on `+OK`, whether it tracks for itself.
     Tracking(bool),
+    /// The client's `CLUSTER SLOTS|SHARDS|NODES|REPLICAS` in cluster mode: the reply is held
+    /// whole and its node addresses replaced by the local listeners'.
+    Topology(crate::cluster::rewrite::Topology),
     /// A RESP2 client's `PING` while subscribed (the upstream speaks RESP3 then): the reply is
     /// rewritten into the `["pong", msg]` array a RESP2 subscriber expects.
     SubscribedPing,

@@ -124,6 +124,11 @@ where
         }
     }
 
+    /// Cluster mode: replies name nodes by their local listeners (see [`crate::cluster`]).
+    pub(crate) fn set_cluster(&mut self, view: crate::cluster::ClusterView) {
+        self.core.set_cluster(view);
+    }
+
     /// Relays until either side closes, an error, or `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> SessionEnd {
         self.run_and_recycle(shutdown).await.0

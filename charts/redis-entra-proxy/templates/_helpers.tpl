@@ -89,12 +89,12 @@ so is the checksum annotation computed from it.
 {{- define "rep.injector.defaultsJson" -}}
 {{- $d := .Values.injector.defaults }}
 {{- $out := dict "image" (default (include "rep.image" .) $d.image) "imagePullPolicy" (default .Values.image.pullPolicy $d.imagePullPolicy) }}
-{{- range $key := list "upstream" "clientId" "listen" "auth" "accessKeySecret" "listenPasswordSecret" "logFormat" }}
+{{- range $key := list "upstream" "clientId" "listen" "auth" "accessKeySecret" "listenPasswordSecret" "logFormat" "cluster" "clusterPorts" }}
 {{- with index $d $key }}
 {{- $_ := set $out $key . }}
 {{- end }}
 {{- end }}
-{{- range $key := list "database" "maxConnections" "adminPort" }}
+{{- range $key := list "database" "maxConnections" "clusterMaxNodes" "adminPort" }}
 {{- if not (kindIs "invalid" (index $d $key)) }}
 {{- $_ := set $out $key (int (index $d $key)) }}
 {{- end }}
