@@ -37,6 +37,8 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 const DEFAULT_CLUSTER_MAX_NODES: usize = 100;
 /// The largest `--cluster-max-nodes` accepted (each node may hold a listener).
 const MAX_CLUSTER_NODES: usize = 1000;
+/// Most shared connections `--multiplex` opens (each is a TLS connection and an `AUTH` per token).
+const MAX_MULTIPLEX: usize = 64;
 /// `--cluster-refresh` when not given.
 const DEFAULT_CLUSTER_REFRESH: Duration = Duration::from_secs(10);
 /// A new token is fetched once this fraction of the current one's lifetime has passed.
@@ -159,6 +161,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Upstream connections kept connected and authenticated ahead of demand.
     pub warm_connections: usize,
+    /// `--multiplex N`: clients share N upstream connections until they need one of their own
+    /// (0: every client has its own, the default). See [`crate::mux`].
+    pub multiplex: usize,
     /// Health and metrics HTTP endpoint; `None` when `off`.
     pub admin_listen: Option<String>,
     /// Where `POST /quitquitquit` is served: never where the pod network can reach it.
@@ -340,6 +345,9 @@ impl Config {
         }
         if self.warm_connections > 0 {
             parts.push(format!("warm_connections={}", self.warm_connections));
+        }
+        if self.multiplex > 0 {
+            parts.push(format!("multiplex={}", self.multiplex));
         }
         if self.cluster.mode == ClusterMode::On {
             parts.push(format!("cluster=on {}", self.cluster.describe()));
@@ -795,6 +803,10 @@ struct ClientArgs {
     /// [env: REDIS_PROXY_WARM_CONNECTIONS] [default: 0]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     warm_connections: Option<String>,
+    /// Clients share N upstream connections, each pinned to its own once it needs connection
+    /// state; 0 = off [env: REDIS_PROXY_MULTIPLEX] [default: 0]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    multiplex: Option<String>,
 }
 
 /// The cluster mode: a local listener per node of an OSS-clustered cache.
@@ -904,6 +916,7 @@ options! {
     LISTEN_PASSWORD = "--listen-password", "REDIS_PROXY_LISTEN_PASSWORD", Hidden;
     MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS", Shown;
     WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS", Shown;
+    MULTIPLEX = "--multiplex", "REDIS_PROXY_MULTIPLEX", Shown;
     CLUSTER = "--cluster", "REDIS_PROXY_CLUSTER", Shown;
     CLUSTER_PORTS = "--cluster-ports", "REDIS_PROXY_CLUSTER_PORTS", Shown;
     CLUSTER_MAX_NODES = "--cluster-max-nodes", "REDIS_PROXY_CLUSTER_MAX_NODES", Shown;
@@ -1216,6 +1229,21 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         database,
         &mut warnings,
     )?;
+    let multiplex = lookup
+        .parse(
+            &clients.multiplex,
+            MULTIPLEX,
+            |v| parse_number::<usize>(v).filter(|n| *n <= MAX_MULTIPLEX),
+            "a number of shared connections from 0 (off) to 64",
+        )?
+        .unwrap_or(0);
+    if multiplex > 0 && cluster.mode != ClusterMode::Off {
+        return Err(ConfigError(
+            "--multiplex needs --cluster off: the cluster mode relays every client 1:1 \
+             (set --cluster off for a cache that is not OSS-clustered)"
+                .to_string(),
+        ));
+    }
     Ok(Config {
         tls_server_name,
         upstream_host,
@@ -1283,6 +1311,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             )?
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         cluster,
+        multiplex,
         warnings,
     })
 }

@@ -69,6 +69,22 @@ pub struct Metrics {
     pub cluster_topology_changes: IntCounter,
     /// `redis_proxy_cluster_refreshes_total{result}`: topology reads, `ok` or `failure`.
     pub cluster_refreshes: IntCounterVec,
+    /// `redis_proxy_multiplex_clients{state="shared"}`: clients on the shared connections now.
+    pub mux_shared_clients: IntGauge,
+    /// `redis_proxy_multiplex_clients{state="pinned"}`: clients pinned to a connection of their
+    /// own now (they started shared).
+    pub mux_pinned_clients: IntGauge,
+    /// `redis_proxy_multiplex_pins_total{reason}`: clients pinned, by what made them.
+    pub mux_pins: IntCounterVec,
+    /// `redis_proxy_multiplex_shared_connections`: shared upstream connections open and
+    /// authenticated now.
+    pub mux_shared_connections: IntGauge,
+    /// `redis_proxy_multiplex_commands_per_write`: client commands sent per write on a shared
+    /// connection.
+    pub mux_commands_per_write: Histogram,
+    /// `redis_proxy_multiplex_failed_commands_total`: commands answered with an error because
+    /// their shared connection broke before replying.
+    pub mux_failed_commands: IntCounter,
     deadline: Gauge,
     deadlines: Mutex<Deadlines>,
 }
@@ -143,6 +159,31 @@ impl Metrics {
                 "Reads of the cluster topology, by result (ok, failure).",
                 "result",
             ),
+            mux_shared_clients: labelled_gauge(MUX_CLIENTS, MUX_CLIENTS_HELP, "state", "shared"),
+            mux_pinned_clients: labelled_gauge(MUX_CLIENTS, MUX_CLIENTS_HELP, "state", "pinned"),
+            mux_pins: counter_vec(
+                "redis_proxy_multiplex_pins_total",
+                "Clients given a connection of their own (--multiplex), by the reason.",
+                "reason",
+            ),
+            mux_shared_connections: gauge(
+                "redis_proxy_multiplex_shared_connections",
+                "Shared upstream connections open and authenticated now (--multiplex).",
+            ),
+            mux_commands_per_write: Histogram::with_opts(
+                HistogramOpts::new(
+                    "redis_proxy_multiplex_commands_per_write",
+                    "Client commands sent per write on a shared upstream connection (--multiplex).",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
+                ]),
+            )
+            .unwrap_or_else(|_| unreachable_metric()),
+            mux_failed_commands: counter(
+                "redis_proxy_multiplex_failed_commands_total",
+                "Commands answered with an error because their shared connection broke before replying.",
+            ),
             deadline: Gauge::new(
                 "redis_proxy_reauth_deadline_timestamp_seconds",
                 "Earliest moment (Unix time) at which a live upstream connection's authentication \
@@ -157,7 +198,12 @@ impl Metrics {
             // Names are constants and unique: registration cannot fail.
             let _ = m.registry.register(c);
         }
-        for reason in ["max_connections", "no_credential", "upstream"] {
+        for reason in [
+            "max_connections",
+            "no_credential",
+            "upstream",
+            "output_buffer",
+        ] {
             m.client_rejections.with_label_values(&[reason]);
         }
         for kind in UPSTREAM_ERROR_KINDS {
@@ -185,6 +231,12 @@ impl Metrics {
             Box::new(self.cluster_nodes.clone()),
             Box::new(self.cluster_topology_changes.clone()),
             Box::new(self.cluster_refreshes.clone()),
+            Box::new(self.mux_shared_clients.clone()),
+            Box::new(self.mux_pinned_clients.clone()),
+            Box::new(self.mux_pins.clone()),
+            Box::new(self.mux_shared_connections.clone()),
+            Box::new(self.mux_commands_per_write.clone()),
+            Box::new(self.mux_failed_commands.clone()),
             Box::new(self.deadline.clone()),
         ]
     }
@@ -241,10 +293,17 @@ const REAUTH: &str = "redis_proxy_reauth_total";
 const REAUTH_HELP: &str = "Re-authentications of live connections, by result (success, failure).";
 const BYTES: &str = "redis_proxy_bytes_total";
 const BYTES_HELP: &str = "Bytes relayed, by direction.";
+const MUX_CLIENTS: &str = "redis_proxy_multiplex_clients";
+const MUX_CLIENTS_HELP: &str = "Clients of --multiplex now, by state (shared: on the shared connections; pinned: on one of their own).";
 
 /// One series of a labelled counter, resolved once so the hot path does no label lookup.
 fn labelled_counter(name: &str, help: &str, label: &str, value: &str) -> IntCounter {
     IntCounter::with_opts(Opts::new(name, help).const_label(label, value))
+        .unwrap_or_else(|_| unreachable_metric())
+}
+
+fn labelled_gauge(name: &str, help: &str, label: &str, value: &str) -> IntGauge {
+    IntGauge::with_opts(Opts::new(name, help).const_label(label, value))
         .unwrap_or_else(|_| unreachable_metric())
 }
 

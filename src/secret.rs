@@ -46,6 +46,17 @@ impl From<String> for Secret {
     }
 }
 
+/// Compares a client-given password with the expected one without an early exit.
+pub fn same_secret(given: &[u8], expected: &Secret) -> bool {
+    let expected = expected.expose().as_bytes();
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

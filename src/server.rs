@@ -15,6 +15,7 @@ use crate::connector::{Connector, OpenError, Ready};
 use crate::credential::{AuthKind, CredentialManager};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::mux::{Multiplexer, Outcome};
 use crate::pool::WarmPool;
 use crate::relay::{RelayContext, Session, SessionEnd};
 use crate::shutdown::Shutdown;
@@ -60,6 +61,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Cluster mode (`--cluster auto|on`), with a TCP listener.
     cluster: Option<Arc<Cluster>>,
+    /// `--multiplex N`: the shared connections clients start on.
+    mux: Option<Multiplexer>,
 }
 
 /// Which upstream a listener's clients are relayed to.
@@ -123,6 +126,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             stop_background.clone(),
         )
     });
+    let mux = (config.multiplex > 0).then(|| {
+        Multiplexer::start(
+            config.multiplex,
+            connector.clone(),
+            config.database,
+            config.listen_password.clone(),
+            stop_background.clone(),
+        )
+    });
     let shared = Arc::new(Shared {
         connector,
         pool,
@@ -140,6 +152,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         close_sessions: CancellationToken::new(),
         next_id: AtomicU64::new(1),
         cluster: cluster.as_ref().map(|(c, _)| c.clone()),
+        mux,
     });
     tokio::spawn(startup_probe(shared.clone(), stop_background.clone()));
     let state = AdminState {
@@ -424,8 +437,22 @@ where
             .inc();
         return reject(client, reason).await;
     };
+    let mut handoff = None;
+    let mut client = client;
+    if let (Some(mux), Target::Seed) = (&shared.mux, &target) {
+        match mux.serve(id, client, shared.close_sessions.clone()).await {
+            Outcome::Ended(end) => return log_end(id, &end),
+            Outcome::Pin(c, h) => {
+                client = c;
+                handoff = Some(h);
+            }
+        }
+    }
+    let _pinned = handoff.as_ref().map(|_| PinnedGuard::new(&shared.metrics));
     let credentials = shared.connector.credentials.subscribe();
-    let session = if shared.relay.listen_password.is_some() {
+    // A client pinned after giving the listen password has its upstream opened now.
+    let authenticated = handoff.as_ref().is_some_and(|h| h.authenticated);
+    let session = if shared.relay.listen_password.is_some() && !authenticated {
         // The upstream connection is opened only once the client has given the password, so
         // that anyone who can reach the listener can't use up the cache's connections.
         let opener_shared = shared.clone();
@@ -445,6 +472,9 @@ where
         }
     };
     let mut session = session;
+    if let Some(h) = &handoff {
+        session.take_over(&h.input, &h.setup, h.authenticated);
+    }
     if let Some(view) = cluster_view(&shared, &target, local_ip).await {
         session.set_cluster(view);
     }
@@ -463,6 +493,22 @@ where
             .upstream_errors
             .with_label_values(&[kind])
             .inc();
+    }
+}
+
+/// Counts a multiplexed client that was pinned, for as long as it is connected.
+struct PinnedGuard<'a>(&'a Metrics);
+
+impl<'a> PinnedGuard<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.mux_pinned_clients.inc();
+        PinnedGuard(metrics)
+    }
+}
+
+impl Drop for PinnedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.mux_pinned_clients.dec();
     }
 }
 

@@ -28,7 +28,6 @@ use crate::cluster::ClusterView;
 use crate::cluster::rewrite::Topology;
 use crate::credential::AuthCredential;
 use crate::resp::{Args, Frame, Grammar, ProtocolError, Scanner, encode_command, split_inline};
-use crate::secret::Secret;
 use crate::upstream::{error_text, select_command};
 use bytes::{Buf, Bytes, BytesMut};
 use std::sync::Arc;
@@ -224,6 +223,21 @@ impl Core {
     }
 
     // ----- what the I/O loop reads and writes -------------------------------------------
+
+    /// Multiplexing: the client was shared until now (see [`crate::mux`]). `input` is what it
+    /// sent that was not handled yet; `setup` runs first (its replies are the proxy's), and
+    /// `authenticated` says it has already given `--listen-password`.
+    pub(crate) fn take_over(&mut self, input: &[u8], setup: &[Bytes], authenticated: bool) {
+        for command in setup {
+            self.to_upstream.extend_from_slice(command);
+            self.pending.push(Owner::Proxy(ProxyCommand::Setup));
+            self.pristine = false;
+        }
+        if authenticated && !self.client_authed {
+            self.client_passed();
+        }
+        self.cin.extend_from_slice(input);
+    }
 
     /// The connection's number (in logs and in the re-auth deadline metric).
     pub fn id(&self) -> u64 {
@@ -945,7 +959,7 @@ impl Core {
     fn listen_password_matches(&self, given: &[u8]) -> bool {
         match &self.ctx.listen_password {
             None => true,
-            Some(expected) => same_secret(given, expected),
+            Some(expected) => crate::secret::same_secret(given, expected),
         }
     }
 
@@ -1736,6 +1750,9 @@ impl Core {
             }
             // Outside a cluster ASKING is refused; sending it again changed nothing.
             ProxyCommand::Asking => {}
+            ProxyCommand::Setup => {
+                tracing::debug!(conn = self.id, error = %error_text(frame), "upstream refused a state a shared client had set");
+            }
             ProxyCommand::Select | ProxyCommand::ReplyOn => {
                 tracing::warn!(conn = self.id, error = %error_text(frame), "upstream refused a proxy command");
             }
@@ -2071,17 +2088,6 @@ fn exec_ran(frame: &[u8]) -> bool {
 /// A `MONITOR` feed line: a simple string that starts with its timestamp.
 fn is_feed_line(frame: &[u8]) -> bool {
     frame.len() > 1 && frame[0] == b'+' && frame[1].is_ascii_digit()
-}
-
-/// Compares a client-given password with the listen password without an early exit.
-fn same_secret(given: &[u8], expected: &Secret) -> bool {
-    let expected = expected.expose().as_bytes();
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
 }
 
 /// `CLUSTER SLOTS|SHARDS|NODES|REPLICAS|SLAVES`: a reply that names nodes.

@@ -129,6 +129,11 @@ where
         self.core.set_cluster(view);
     }
 
+    /// Multiplexing: takes over a client that was shared (see [`crate::mux`]).
+    pub(crate) fn take_over(&mut self, input: &[u8], setup: &[bytes::Bytes], authenticated: bool) {
+        self.core.take_over(input, setup, authenticated);
+    }
+
     /// Relays until either side closes, an error, or `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> SessionEnd {
         self.run_and_recycle(shutdown).await.0

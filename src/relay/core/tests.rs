@@ -4,6 +4,7 @@
 use super::*;
 use crate::credential::AuthCredential;
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 use std::time::{Duration, SystemTime};
 
 fn credential(generation: u64, lifetime: Duration) -> Arc<AuthCredential> {

@@ -1,0 +1,550 @@
+//! One shared upstream connection: many clients' commands in, their replies routed back.
+//!
+//! The connection's task owns the stream (no lock, no split). Clients hand it [`Batch`]es —
+//! whole commands only, so two clients' bytes never interleave inside a frame — which it
+//! appends to one write buffer in arrival order; everything that arrived while the previous
+//! write was in flight goes out in one write (one TLS record, one `read` on the server: the
+//! speed of sharing). Each batch pushes `(client, count)` onto a FIFO, and each reply frame
+//! goes to the FIFO's head: replies come back in the order commands were written, so routing
+//! needs no tags. Reply bytes are handed over as slices of the read buffer (no copy); a frame
+//! still arriving is forwarded as far as it goes, to the one client it can belong to.
+//!
+//! Isolation: the task never waits for a client. A client that does not read lets its
+//! replies pile up in its [`Mailbox`] up to [`CLIENT_REPLY_LIMIT`]; beyond that it is told
+//! [`Delivery::Overflow`] and its further replies are dropped (its own task then closes it).
+//! When the connection breaks, each command in flight is answered with one clear error
+//! ([`Delivery::Failed`]), except for a client whose reply was half forwarded (its stream can't
+//! be repaired: [`Delivery::Broken`] closes it); then the task reconnects.
+//!
+//! Re-authentication: only allow-listed, stateless commands ever run here (see
+//! [`super::table`]), so every boundary between two written commands is a safe point: a new
+//! credential's `AUTH` is appended to the write buffer as soon as it is published (see
+//! [`crate::relay::state`] for the 1:1 relay's conditions, of which only "between two commands"
+//! applies here) and its reply is taken out of the stream by the FIFO.
+
+use super::Shared as MuxShared;
+use super::table::CommandTable;
+use crate::credential::{AuthCredential, CredentialWatch};
+use crate::resp::{Grammar, Scanner};
+use crate::upstream::{UpstreamStream, error_text, roundtrip};
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Reply bytes a client may leave unread before it is disconnected (Redis's own default for
+/// normal clients has no limit; a shared connection can't wait for anyone, so this one has).
+pub const CLIENT_REPLY_LIMIT: usize = 32 * 1024 * 1024;
+/// Batches taken from the channel per turn.
+const BATCHES_PER_TURN: usize = 512;
+/// Stop taking batches while this much is waiting to be written.
+const WRITE_HIGH_WATER: usize = 1024 * 1024;
+/// Reads go in chunks of this size.
+const READ_CHUNK: usize = 64 * 1024;
+/// Reconnect delays.
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// What a client's task receives from its shared connection.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Reply bytes, in order; `complete` replies end inside them (0 for the middle of one).
+    Replies {
+        /// The bytes, as they came from the server.
+        bytes: Bytes,
+        /// Replies that end in `bytes`.
+        complete: u32,
+    },
+    /// The connection broke (or could not be opened): `count` commands get `error` each.
+    Failed {
+        /// Commands in flight.
+        count: u32,
+        /// The error line every one of them gets.
+        error: Bytes,
+    },
+    /// The connection broke in the middle of this client's reply: it must be closed.
+    Broken,
+    /// The client left more than [`CLIENT_REPLY_LIMIT`] unread: it must be closed.
+    Overflow,
+}
+
+/// Where a shared connection puts one client's replies.
+#[derive(Debug)]
+pub struct Mailbox {
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// Bytes delivered and not yet taken by the client's task.
+    queued: AtomicUsize,
+    /// Set once the limit was passed: nothing more is delivered.
+    overflowed: AtomicBool,
+}
+
+impl Mailbox {
+    /// A mailbox and the receiving end the client's task reads.
+    pub fn new() -> (Arc<Mailbox>, mpsc::UnboundedReceiver<Delivery>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mailbox = Mailbox {
+            tx,
+            queued: AtomicUsize::new(0),
+            overflowed: AtomicBool::new(false),
+        };
+        (Arc::new(mailbox), rx)
+    }
+
+    /// The client's task took `n` delivered bytes.
+    pub fn taken(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn deliver(&self, bytes: Bytes, complete: u32) {
+        if self.overflowed.load(Ordering::Relaxed) {
+            return;
+        }
+        let n = bytes.len();
+        if self.queued.load(Ordering::Relaxed) + n > CLIENT_REPLY_LIMIT {
+            self.overflowed.store(true, Ordering::Relaxed);
+            let _ = self.tx.send(Delivery::Overflow);
+            return;
+        }
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        if self.tx.send(Delivery::Replies { bytes, complete }).is_err() {
+            self.queued.fetch_sub(n, Ordering::Relaxed); // the client has gone
+        }
+    }
+
+    fn fail(&self, count: u32, error: &Bytes) {
+        let _ = self.tx.send(Delivery::Failed {
+            count,
+            error: error.clone(),
+        });
+    }
+}
+
+/// Whole commands of one client, for a shared connection.
+#[derive(Debug)]
+pub struct Batch {
+    /// Whose replies they are.
+    pub mailbox: Arc<Mailbox>,
+    /// One or more complete commands.
+    pub bytes: Bytes,
+    /// How many.
+    pub count: u32,
+}
+
+/// Whose the next replies are.
+enum Owner {
+    Client(Arc<Mailbox>),
+    /// The connection's own `AUTH`.
+    Auth(Arc<AuthCredential>, Instant),
+}
+
+struct Entry {
+    owner: Owner,
+    left: u32,
+}
+
+/// Why a connection's run ended.
+enum End {
+    Broken(String),
+    Shutdown,
+}
+
+/// Runs shared connection number `index` until `stop`: connects, serves, reconnects.
+pub async fn run(
+    index: usize,
+    mux: Arc<MuxShared>,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    stop: CancellationToken,
+) {
+    let mut delay = RECONNECT_MIN;
+    loop {
+        let opened = tokio::select! {
+            opened = mux.connector.open() => opened,
+            () = stop.cancelled() => return,
+        };
+        let ready = match opened {
+            Ok(ready) => ready,
+            Err(e) => {
+                let reason = format!("cannot open a shared upstream connection: {e}");
+                tracing::warn!(shared = index, error = %e, "cannot open a shared upstream connection");
+                // Nobody waits on a connection that isn't there: what is queued fails now.
+                let error = crate::relay::proxy_error(&reason);
+                fail_queued(&mut rx, &error, &mux);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return,
+                }
+                delay = (delay * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        delay = RECONNECT_MIN;
+        let mut stream = ready.stream;
+        if mux.claim_table() {
+            mux.set_table(read_table(&mut stream).await);
+        }
+        mux.metrics.mux_shared_connections.inc();
+        mux.metrics.upstream_connections.inc();
+        tracing::debug!(shared = index, "shared upstream connection open");
+        let mut conn = Conn {
+            stream,
+            wbuf: BytesMut::new(),
+            uin: BytesMut::new(),
+            replies: Scanner::new(Grammar::Reply),
+            fifo: VecDeque::new(),
+            head_partial: false,
+            credential: ready.credential,
+            unflushed: false,
+            unwritten_commands: 0,
+            mux: mux.clone(),
+            metrics_id: mux.metrics_id(index),
+        };
+        conn.record_expiry();
+        let end = conn.serve(&mut rx, &stop).await;
+        mux.metrics.mux_shared_connections.dec();
+        mux.metrics.upstream_connections.dec();
+        mux.metrics.forget_connection(conn.metrics_id);
+        match end {
+            End::Shutdown => {
+                conn.fail_in_flight("the proxy is shutting down");
+                return;
+            }
+            End::Broken(reason) => {
+                tracing::warn!(shared = index, reason = %reason, "shared upstream connection broke; reconnecting");
+                mux.metrics
+                    .upstream_errors
+                    .with_label_values(&["closed"])
+                    .inc();
+                conn.fail_in_flight(&format!(
+                    "the shared upstream connection broke before this command's reply ({reason}); \
+                     it may or may not have run"
+                ));
+            }
+        }
+    }
+}
+
+/// `COMMAND`, read once by the first shared connection: the allow-list.
+async fn read_table(stream: &mut UpstreamStream) -> CommandTable {
+    let command = crate::resp::encode_command(&[b"COMMAND"]);
+    match roundtrip(stream, &[command]).await {
+        Ok(replies) => match replies
+            .first()
+            .and_then(|r| CommandTable::from_command_reply(r))
+        {
+            Some(table) => {
+                tracing::info!(commands = table.len(), "multiplex: command table read");
+                table
+            }
+            None => {
+                let why = replies.first().map(|r| error_text(r)).unwrap_or_default();
+                tracing::warn!(reply = %why, "multiplex: COMMAND gave no table; every client gets a connection of its own");
+                CommandTable::pin_everything()
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "multiplex: COMMAND failed; every client gets a connection of its own");
+            CommandTable::pin_everything()
+        }
+    }
+}
+
+/// Answers every batch already queued with `error` (the connection isn't there).
+fn fail_queued(rx: &mut mpsc::UnboundedReceiver<Batch>, error: &Bytes, mux: &MuxShared) {
+    while let Ok(batch) = rx.try_recv() {
+        mux.metrics
+            .mux_failed_commands
+            .inc_by(u64::from(batch.count));
+        batch.mailbox.fail(batch.count, error);
+    }
+}
+
+struct Conn {
+    stream: UpstreamStream,
+    wbuf: BytesMut,
+    uin: BytesMut,
+    replies: Scanner,
+    fifo: VecDeque<Entry>,
+    /// Part of the head entry's current reply was already handed over.
+    head_partial: bool,
+    credential: Option<Arc<AuthCredential>>,
+    unflushed: bool,
+    /// Commands appended since the write buffer was last empty.
+    unwritten_commands: u64,
+    mux: Arc<MuxShared>,
+    /// This connection's key in the re-auth deadline gauge.
+    metrics_id: u64,
+}
+
+impl Conn {
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Batch>,
+        stop: &CancellationToken,
+    ) -> End {
+        let credentials: CredentialWatch = self.mux.connector.credentials.subscribe();
+        let mut watching = self.mux.connector.authenticate;
+        // A credential published while this connection was being opened.
+        self.maybe_reauth(&credentials);
+        // Created once, not per turn (see the 1:1 session's loop for why).
+        let changed = next_credential(credentials);
+        tokio::pin!(changed);
+        let cancelled = stop.cancelled();
+        tokio::pin!(cancelled);
+        let mut batches = Vec::with_capacity(BATCHES_PER_TURN);
+        loop {
+            let event = poll_fn(|cx| {
+                let mut progress = false;
+                // Take what clients sent (while there is room to write it).
+                if self.wbuf.len() < WRITE_HIGH_WATER
+                    && let Poll::Ready(n) = rx.poll_recv_many(cx, &mut batches, BATCHES_PER_TURN)
+                {
+                    if n == 0 {
+                        return Poll::Ready(Err(End::Shutdown)); // no client can come any more
+                    }
+                    self.take(&mut batches);
+                    progress = true;
+                }
+                if !self.wbuf.is_empty() {
+                    match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(End::Broken("write closed".into())));
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            self.wbuf.advance(n);
+                            self.unflushed = true;
+                            if self.wbuf.is_empty() && self.unwritten_commands > 0 {
+                                self.mux
+                                    .metrics
+                                    .mux_commands_per_write
+                                    .observe(self.unwritten_commands as f64);
+                                self.unwritten_commands = 0;
+                            }
+                            progress = true;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(End::Broken(e.to_string()))),
+                        Poll::Pending => {}
+                    }
+                }
+                if self.wbuf.is_empty() && self.unflushed {
+                    match Pin::new(&mut self.stream).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => self.unflushed = false,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(End::Broken(e.to_string()))),
+                        Poll::Pending => {}
+                    }
+                }
+                if self.uin.capacity() - self.uin.len() < 1024 {
+                    self.uin.reserve(READ_CHUNK);
+                }
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.uin) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(End::Broken(
+                            "connection closed by the server".into(),
+                        )));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.mux.metrics.bytes_to_client.inc_by(n as u64);
+                        if let Err(e) = self.route() {
+                            return Poll::Ready(Err(End::Broken(e)));
+                        }
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(End::Broken(e.to_string()))),
+                    Poll::Pending => {}
+                }
+                if watching && let Poll::Ready(w) = changed.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(Some(w)));
+                }
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(End::Shutdown));
+                }
+                if progress {
+                    Poll::Ready(Ok(None))
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            match event {
+                Err(end) => return end,
+                Ok(None) => {}
+                Ok(Some(Some(watch))) => {
+                    self.maybe_reauth(&watch);
+                    changed.set(next_credential(watch));
+                }
+                Ok(Some(None)) => watching = false,
+            }
+        }
+    }
+
+    /// Appends the batches to the write buffer and their owners to the FIFO.
+    fn take(&mut self, batches: &mut Vec<Batch>) {
+        let mut commands = 0u64;
+        for batch in batches.drain(..) {
+            commands += u64::from(batch.count);
+            self.wbuf.extend_from_slice(&batch.bytes);
+            match self.fifo.back_mut() {
+                Some(Entry {
+                    owner: Owner::Client(m),
+                    left,
+                }) if Arc::ptr_eq(m, &batch.mailbox) => *left += batch.count,
+                _ => self.fifo.push_back(Entry {
+                    owner: Owner::Client(batch.mailbox),
+                    left: batch.count,
+                }),
+            }
+        }
+        self.unwritten_commands += commands;
+    }
+
+    /// A newer credential than this connection's: its `AUTH` goes after what is queued.
+    fn maybe_reauth(&mut self, credentials: &CredentialWatch) {
+        let Some(newest) = credentials.borrow().current.clone() else {
+            return;
+        };
+        let current = self.credential.as_ref().map(|c| c.generation);
+        let in_flight = self.fifo.iter().any(|e| matches!(e.owner, Owner::Auth(..)));
+        if current.is_some_and(|g| g >= newest.generation) || in_flight {
+            return;
+        }
+        self.wbuf.extend_from_slice(newest.auth_command());
+        self.fifo.push_back(Entry {
+            owner: Owner::Auth(newest, Instant::now()),
+            left: 1,
+        });
+    }
+
+    fn record_expiry(&self) {
+        self.mux.metrics.set_auth_expiry(
+            self.metrics_id,
+            self.credential.as_ref().and_then(|c| c.expires_at),
+        );
+    }
+
+    /// Hands each complete reply (and the finished part of one still arriving) to its owner.
+    fn route(&mut self) -> Result<(), String> {
+        // Replies of the head client gathered so far: `run` bytes, `complete` of them whole.
+        let mut run = 0usize;
+        let mut complete = 0u32;
+        loop {
+            let scanned = self
+                .replies
+                .scan(&self.uin[run..])
+                .map_err(|e| format!("the server sent malformed RESP: {e}"))?;
+            let Some(head) = self.fifo.front_mut() else {
+                if self.uin.len() > run || scanned.is_some() {
+                    return Err("the server sent a reply nobody asked for".into());
+                }
+                return Ok(());
+            };
+            match scanned {
+                Some(frame) => match &head.owner {
+                    Owner::Client(_) => {
+                        run += frame.len;
+                        complete += 1;
+                        head.left -= 1;
+                        if head.left == 0 {
+                            self.flush_run(&mut run, &mut complete, true);
+                        }
+                    }
+                    Owner::Auth(..) => {
+                        debug_assert_eq!(run, 0);
+                        let reply = self.uin.split_to(frame.len);
+                        let Some(Entry {
+                            owner: Owner::Auth(credential, sent),
+                            ..
+                        }) = self.fifo.pop_front()
+                        else {
+                            return Ok(());
+                        };
+                        self.auth_reply(&reply, credential, sent);
+                    }
+                },
+                None => {
+                    // A reply still arriving: what is known of it goes to its owner already.
+                    let partial = self.replies.scanned();
+                    if partial > 0 && matches!(head.owner, Owner::Client(_)) {
+                        run += partial;
+                        self.replies.consumed(partial);
+                        self.flush_run(&mut run, &mut complete, false);
+                        self.head_partial = true;
+                    } else {
+                        self.flush_run(&mut run, &mut complete, false);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Delivers the gathered bytes to the head's client; pops the head when `done`.
+    fn flush_run(&mut self, run: &mut usize, complete: &mut u32, done: bool) {
+        if *run == 0 && !done {
+            return;
+        }
+        let bytes = self.uin.split_to(*run).freeze();
+        if let Some(Entry {
+            owner: Owner::Client(mailbox),
+            ..
+        }) = self.fifo.front()
+        {
+            mailbox.deliver(bytes, *complete);
+        }
+        if *complete > 0 {
+            self.head_partial = false;
+        }
+        if done {
+            self.fifo.pop_front();
+        }
+        *run = 0;
+        *complete = 0;
+    }
+
+    fn auth_reply(&mut self, reply: &[u8], credential: Arc<AuthCredential>, sent: Instant) {
+        let metrics = &self.mux.metrics;
+        if reply.first() == Some(&b'+') {
+            metrics.reauth_success.inc();
+            metrics.reauth_seconds.observe(sent.elapsed().as_secs_f64());
+            self.credential = Some(credential);
+            self.record_expiry();
+        } else {
+            metrics.reauth_failure.inc();
+            // Never the credential: the server's error text only.
+            tracing::warn!(error = %error_text(reply), "re-authentication of a shared connection refused");
+        }
+    }
+
+    /// Every command still waiting for a reply gets `reason` (one error each); a client whose
+    /// reply was half delivered is closed instead.
+    fn fail_in_flight(&mut self, reason: &str) {
+        let error = crate::relay::proxy_error(reason);
+        let mut first = true;
+        for entry in self.fifo.drain(..) {
+            if let Owner::Client(mailbox) = entry.owner {
+                self.mux
+                    .metrics
+                    .mux_failed_commands
+                    .inc_by(u64::from(entry.left));
+                if first && self.head_partial {
+                    let _ = mailbox.tx.send(Delivery::Broken);
+                } else {
+                    mailbox.fail(entry.left, &error);
+                }
+            }
+            first = false;
+        }
+        self.head_partial = false;
+    }
+}
+
+/// Resolves once a newer credential is published, giving the watch back for the next wait;
+/// `None` once the channel is closed (the process is stopping).
+async fn next_credential(mut watch: CredentialWatch) -> Option<CredentialWatch> {
+    watch.changed().await.ok().map(|()| watch)
+}

@@ -1,0 +1,289 @@
+//! Multiplexing (`--multiplex N`): clients share N authenticated upstream connections until
+//! they need one of their own.
+//!
+//! Why: a 1:1 proxy can't beat the hop it adds, and every client connection costs the cache a
+//! TLS handshake, an `AUTH` per token and a slot under the tier's connection limit. Sharing lets
+//! Redis read many clients' commands per `read` and per TLS record, and the sidecar then needs
+//! N connections (and N re-authentications per token) whatever the application opens.
+//!
+//! How, in three parts:
+//! * [`table`]: the **allow-list** of commands that may run on a shared connection, derived
+//!   from the server's `COMMAND` flags at start-up;
+//! * [`client`]: a shared client: its commands classified, batched onto its shared connection in
+//!   order, its replies handed back in order, the connect-time chatter answered;
+//! * [`conn`]: a shared connection: batches written together, replies routed back by a FIFO,
+//!   re-authenticated between any two commands, failures answered per command.
+//!
+//! A client starts shared. Before its first command that is not on the allow-list, it waits for
+//! the replies it is owed, then is **pinned**: it gets a connection of its own (from the warm
+//! pool when there is one), in the state the shared one had (RESP2, `--database`, plus the name
+//! it set), and the 1:1 relay ([`crate::relay`]) takes it from there for the rest of its life.
+//! A client is always on the same shared connection, so its commands never overtake each other.
+
+pub mod client;
+pub mod conn;
+pub mod table;
+
+use crate::connector::Connector;
+use crate::metrics::Metrics;
+use crate::relay::SessionEnd;
+use client::{ClientCore, Handoff, Next};
+use conn::{Batch, Mailbox};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+use table::CommandTable;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// What the shared connections and their clients share.
+pub struct Shared {
+    /// Opens (and authenticates) the shared connections.
+    pub connector: Arc<Connector>,
+    /// Where everything is counted.
+    pub metrics: Arc<Metrics>,
+    table: watch::Sender<Option<Arc<CommandTable>>>,
+    /// A shared connection has taken on reading the table.
+    table_claimed: std::sync::atomic::AtomicBool,
+    /// Keys of the shared connections in the re-auth deadline gauge (beyond client ids).
+    id_base: u64,
+}
+
+impl Shared {
+    /// True for the first shared connection that asks: it reads the table.
+    fn claim_table(&self) -> bool {
+        !self.table_claimed.swap(true, Ordering::Relaxed)
+    }
+
+    fn set_table(&self, table: CommandTable) {
+        self.table.send_replace(Some(Arc::new(table)));
+    }
+
+    fn metrics_id(&self, index: usize) -> u64 {
+        self.id_base + index as u64
+    }
+}
+
+/// One shared connection as its clients see it.
+struct Handle {
+    tx: mpsc::UnboundedSender<Batch>,
+    clients: Arc<AtomicUsize>,
+}
+
+/// The shared connections of one upstream.
+pub struct Multiplexer {
+    shared: Arc<Shared>,
+    conns: Vec<Handle>,
+    database: u32,
+    listen_password: Option<crate::secret::Secret>,
+    connect_timeout: Duration,
+}
+
+/// How a shared client's time on the shared connections ended.
+pub enum Outcome<C> {
+    /// The session is over.
+    Ended(SessionEnd),
+    /// The client must have a connection of its own (see [`Handoff`]).
+    Pin(C, Handoff),
+}
+
+impl Multiplexer {
+    /// Starts `n` shared connections (each connects, and reconnects, on its own) until `stop`.
+    pub fn start(
+        n: usize,
+        connector: Arc<Connector>,
+        database: u32,
+        listen_password: Option<crate::secret::Secret>,
+        stop: CancellationToken,
+    ) -> Multiplexer {
+        let metrics = connector.metrics.clone();
+        for reason in table::PinReason::ALL {
+            metrics.mux_pins.with_label_values(&[reason.label()]);
+        }
+        let connect_timeout = connector.connect_timeout;
+        let shared = Arc::new(Shared {
+            connector,
+            metrics,
+            table: watch::channel(None).0,
+            table_claimed: std::sync::atomic::AtomicBool::new(false),
+            // Client ids count up from 1; these sit at the top of the range.
+            id_base: u64::MAX - 1024,
+        });
+        let conns = (0..n)
+            .map(|index| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(conn::run(index, shared.clone(), rx, stop.clone()));
+                Handle {
+                    tx,
+                    clients: Arc::new(AtomicUsize::new(0)),
+                }
+            })
+            .collect();
+        Multiplexer {
+            shared,
+            conns,
+            database,
+            listen_password,
+            connect_timeout,
+        }
+    }
+
+    /// Relays client `id` over a shared connection until it is pinned or leaves.
+    pub async fn serve<C>(&self, id: u64, mut client: C, shutdown: CancellationToken) -> Outcome<C>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let table = match self.table().await {
+            Some(table) => table,
+            None => Arc::new(CommandTable::pin_everything()),
+        };
+        let mut core = ClientCore::new(id, table, self.database, self.listen_password.clone());
+        let Some(handle) = self
+            .conns
+            .iter()
+            .min_by_key(|h| h.clients.load(Ordering::Relaxed))
+        else {
+            return Outcome::Pin(client, core.handoff());
+        };
+        let _on_conn = Counted::new(&handle.clients);
+        let metrics = &self.shared.metrics;
+        metrics.mux_shared_clients.inc();
+        let _shared_gauge = GaugeGuard(&metrics.mux_shared_clients);
+        let (mailbox, mut rx) = Mailbox::new();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut cin_grown = false;
+        loop {
+            let mut lost = false;
+            core.process(&mailbox, |batch| {
+                metrics.commands.inc_by(u64::from(batch.count));
+                lost |= handle.tx.send(batch).is_err();
+            });
+            if lost {
+                return Outcome::Ended(SessionEnd::Shutdown);
+            }
+            match core.next() {
+                Next::Relay => {}
+                Next::Pin(reason) if core.idle() => {
+                    metrics.mux_pins.with_label_values(&[reason.label()]).inc();
+                    tracing::debug!(conn = id, reason = reason.label(), "pinned");
+                    return Outcome::Pin(client, core.handoff());
+                }
+                Next::Close if core.idle() => {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut client).await;
+                    return Outcome::Ended(SessionEnd::ClientClosed);
+                }
+                Next::Pin(_) | Next::Close => {}
+            }
+            let event = poll_fn(|cx| {
+                let mut progress = false;
+                while core.wants_deliveries() {
+                    match rx.poll_recv(cx) {
+                        Poll::Ready(Some(delivery)) => {
+                            if let Err(why) = core.delivered(delivery, &mailbox) {
+                                return Poll::Ready(Err(why));
+                            }
+                            progress = true;
+                        }
+                        Poll::Ready(None) | Poll::Pending => break,
+                    }
+                }
+                if !core.output().is_empty() {
+                    match Pin::new(&mut client).poll_write(cx, core.output()) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            bytes::Buf::advance(core.output(), n);
+                            progress = true;
+                        }
+                        Poll::Ready(_) => return Poll::Ready(Ok(Some(SessionEnd::ClientClosed))),
+                        Poll::Pending => {}
+                    }
+                }
+                if core.wants_input() {
+                    let buf = core.client_input();
+                    if buf.capacity() - buf.len() < 256 {
+                        buf.reserve(if cin_grown { 16 * 1024 } else { 1024 });
+                    }
+                    let room = buf.capacity() - buf.len();
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut client), cx, buf) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Ok(Some(SessionEnd::ClientClosed)));
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            cin_grown |= n == room;
+                            metrics.bytes_to_upstream.inc_by(n as u64);
+                            progress = true;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Ok(Some(SessionEnd::ClientIo(e))));
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Some(SessionEnd::Shutdown)));
+                }
+                if progress {
+                    Poll::Ready(Ok(None))
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            match event {
+                Ok(None) => {}
+                Ok(Some(end)) => return Outcome::Ended(end),
+                Err(why) => {
+                    tracing::warn!(conn = id, "closing a shared client: {why}");
+                    if why == client::OVERFLOW {
+                        metrics
+                            .client_rejections
+                            .with_label_values(&["output_buffer"])
+                            .inc();
+                    }
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut client).await;
+                    return Outcome::Ended(SessionEnd::ClientClosed);
+                }
+            }
+        }
+    }
+
+    /// The allow-list, once the first shared connection has read it (at most
+    /// `--connect-timeout`; `None` if it could not, and the client is pinned).
+    async fn table(&self) -> Option<Arc<CommandTable>> {
+        let mut rx = self.shared.table.subscribe();
+        let wait = rx.wait_for(|t| t.is_some());
+        match tokio::time::timeout(self.connect_timeout, wait).await {
+            Ok(Ok(t)) => t.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// Counts a client on its shared connection while it is there.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
