@@ -3288,6 +3288,61 @@ mod tests {
     }
 
     #[test]
+    fn multiplex_is_off_by_default_and_needs_the_cluster_mode_off() {
+        let c = config(&["--upstream", "cache.example"], &[]);
+        assert_eq!(c.multiplex, 0);
+        assert!(!c.describe().contains("multiplex"));
+        let c = config(
+            &[
+                "--upstream",
+                "cache.example",
+                "--multiplex",
+                "4",
+                "--cluster",
+                "off",
+            ],
+            &[],
+        );
+        assert_eq!(c.multiplex, 4);
+        assert!(c.describe().contains("multiplex=4"), "{}", c.describe());
+        let c = config(
+            &["--upstream", "cache.example"],
+            &[
+                ("REDIS_PROXY_MULTIPLEX", "2"),
+                ("REDIS_PROXY_CLUSTER", "off"),
+            ],
+        );
+        assert_eq!(c.multiplex, 2);
+        for bad in ["65", "-1", "four"] {
+            let e = error(
+                &[
+                    "--upstream",
+                    "cache.example",
+                    "--multiplex",
+                    bad,
+                    "--cluster",
+                    "off",
+                ],
+                &[],
+            );
+            assert!(
+                e.contains("--multiplex") && e.contains("0 (off) to 64"),
+                "{e}"
+            );
+        }
+        for cluster in [
+            &[][..],
+            &["--cluster", "auto"][..],
+            &["--cluster", "on"][..],
+        ] {
+            let mut args = vec!["--upstream", "cache.example", "--multiplex", "4"];
+            args.extend_from_slice(cluster);
+            let e = error(&args, &[]);
+            assert!(e.contains("--multiplex needs --cluster off"), "{e}");
+        }
+    }
+
+    #[test]
     fn cluster_options_default_to_auto_and_the_ports_after_listen() {
         let c = config(&["--upstream", "h", "--auth", "none"], &[]);
         assert_eq!(

@@ -282,7 +282,6 @@ impl ClientCore {
             }
             Delivery::Failed { count, error } => (count, Some(error)),
             Delivery::Broken => return Err("its shared connection broke in the middle of a reply"),
-            Delivery::Overflow => return Err(OVERFLOW),
         };
         let mut left = complete;
         while left > 0 {

@@ -10,8 +10,8 @@
 //! still arriving is forwarded as far as it goes, to the one client it can belong to.
 //!
 //! Isolation: the task never waits for a client. A client that does not read lets its
-//! replies pile up in its [`Mailbox`] up to [`CLIENT_REPLY_LIMIT`]; beyond that it is told
-//! [`Delivery::Overflow`] and its further replies are dropped (its own task then closes it).
+//! replies pile up in its [`Mailbox`] up to [`CLIENT_REPLY_LIMIT`]; beyond that its further
+//! replies are dropped and [`Mailbox::overflow`] tells its own task to close it.
 //! When the connection breaks, each command in flight is answered with one clear error
 //! ([`Delivery::Failed`]), except for a client whose reply was half forwarded (its stream can't
 //! be repaired: [`Delivery::Broken`] closes it); then the task reconnects.
@@ -71,8 +71,6 @@ pub enum Delivery {
     },
     /// The connection broke in the middle of this client's reply: it must be closed.
     Broken,
-    /// The client left more than [`CLIENT_REPLY_LIMIT`] unread: it must be closed.
-    Overflow,
 }
 
 /// Where a shared connection puts one client's replies.
@@ -83,6 +81,9 @@ pub struct Mailbox {
     queued: AtomicUsize,
     /// Set once the limit was passed: nothing more is delivered.
     overflowed: AtomicBool,
+    /// Cancelled at the same moment: the client's task is woken by it even while it takes no
+    /// deliveries (it takes none while its client isn't reading, which is how it got here).
+    overflow: CancellationToken,
 }
 
 impl Mailbox {
@@ -93,8 +94,14 @@ impl Mailbox {
             tx,
             queued: AtomicUsize::new(0),
             overflowed: AtomicBool::new(false),
+            overflow: CancellationToken::new(),
         };
         (Arc::new(mailbox), rx)
+    }
+
+    /// Cancelled once the client left more than [`CLIENT_REPLY_LIMIT`] unread.
+    pub fn overflow(&self) -> &CancellationToken {
+        &self.overflow
     }
 
     /// The client's task took `n` delivered bytes.
@@ -109,7 +116,7 @@ impl Mailbox {
         let n = bytes.len();
         if self.queued.load(Ordering::Relaxed) + n > CLIENT_REPLY_LIMIT {
             self.overflowed.store(true, Ordering::Relaxed);
-            let _ = self.tx.send(Delivery::Overflow);
+            self.overflow.cancel();
             return;
         }
         self.queued.fetch_add(n, Ordering::Relaxed);
@@ -389,16 +396,12 @@ impl Conn {
         for batch in batches.drain(..) {
             commands += u64::from(batch.count);
             self.wbuf.extend_from_slice(&batch.bytes);
-            match self.fifo.back_mut() {
-                Some(Entry {
-                    owner: Owner::Client(m),
-                    left,
-                }) if Arc::ptr_eq(m, &batch.mailbox) => *left += batch.count,
-                _ => self.fifo.push_back(Entry {
-                    owner: Owner::Client(batch.mailbox),
-                    left: batch.count,
-                }),
-            }
+            // One entry per batch, never merged: the client may owe a reply of its own
+            // between two of its batches, so a delivery must not span them.
+            self.fifo.push_back(Entry {
+                owner: Owner::Client(batch.mailbox),
+                left: batch.count,
+            });
         }
         self.unwritten_commands += commands;
     }

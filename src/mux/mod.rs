@@ -156,6 +156,9 @@ impl Multiplexer {
         let (mailbox, mut rx) = Mailbox::new();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        let overflow = mailbox.overflow().clone();
+        let overflowed = overflow.cancelled();
+        tokio::pin!(overflowed);
         let mut cin_grown = false;
         loop {
             let mut lost = false;
@@ -222,6 +225,9 @@ impl Multiplexer {
                         }
                         Poll::Pending => {}
                     }
+                }
+                if overflowed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(client::OVERFLOW));
                 }
                 if cancelled.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(Some(SessionEnd::Shutdown)));

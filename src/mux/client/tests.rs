@@ -247,7 +247,6 @@ fn failed_commands_get_one_error_each_in_order() {
         b"-ERR redis-entra-proxy: broke\r\n-ERR redis-entra-proxy: broke\r\n$-1\r\n"
     );
     assert!(c.delivered(Delivery::Broken, &mailbox).is_err());
-    assert!(c.delivered(Delivery::Overflow, &mailbox).is_err());
     let unowed = Delivery::Replies {
         bytes: Bytes::from_static(b"+OK\r\n"),
         complete: 1,
