@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One-command benchmark of redis-entra-proxy against direct Redis (plaintext and TLS) and two
-# byte-forwarding TLS proxies (stunnel, haproxy): throughput / CPU / memory, connection setup,
-# memory per idle connection and per connection in its costliest state, and re-authentication
-# of thousands of live connections. See bench/README.md.
+# One-command benchmark of redis-entra-proxy (1:1, and multiplexed with --multiplex N) against
+# direct Redis (plaintext and TLS) and two byte-forwarding TLS proxies (stunnel, haproxy):
+# throughput / CPU / memory, connection setup, memory per idle connection and per connection in
+# its costliest state, and re-authentication of thousands of live connections. See
+# bench/README.md.
 #
 # Usage: bench/run.sh [--rounds N] [--quick] [--only PARTS]
 #   --rounds N     interleaved rounds; medians are reported (default 3)
@@ -11,10 +12,13 @@
 # Environment:
 #   PROXY_BIN=/path   use this redis-entra-proxy binary (no cargo build); it is copied once at
 #                     the start, so a rebuild under the run doesn't mix two builds
-#   BENCH_RAW_OUT=f   also keep every single throughput measurement in f
+#   BENCH_RAW_OUT=f   also keep every single throughput measurement in f (and the
+#                     multiplexed proxy's counts after each of its runs in f.mux)
 #   IDLE_CONNS=N      idle connections for the idle and reauth parts (default 5000)
 #   WORST_CONNS=N     connections held in their costliest state in the worst part (default 50)
 #   REAUTH_ROTATIONS=N  token rotations to observe in the reauth part (default 2, quick 1)
+#   MULTIPLEX=N       shared upstream connections of the multiplexed proxy (entra-proxy-mux,
+#                     --multiplex N --cluster off) in the throughput part (default 4, 1..64)
 set -euo pipefail
 
 ROUNDS=3
@@ -28,7 +32,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS="$2"; shift 2 ;;
         --quick) SCALE=10; QUICK=1; shift ;;
         --only) ONLY="$2"; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "unknown option: $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -46,6 +50,13 @@ PASS=benchpass
 USER_NAME=bench
 CLK_TCK="$(getconf CLK_TCK)"
 IDLE_CONNS="${IDLE_CONNS:-5000}"
+MULTIPLEX="${MULTIPLEX:-4}"
+case "$MULTIPLEX" in
+    '' | *[!0-9]*) echo "MULTIPLEX must be a number from 1 to 64, not '$MULTIPLEX'" >&2; exit 2 ;;
+esac
+MULTIPLEX=$(( 10#$MULTIPLEX )) # "08" is 8, as the proxy reads it
+[ "$MULTIPLEX" -ge 1 ] && [ "$MULTIPLEX" -le 64 ] ||
+    { echo "MULTIPLEX must be a number from 1 to 64, not '$MULTIPLEX'" >&2; exit 2; }
 T_START="$(date +%s)"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -209,6 +220,35 @@ for line in body.splitlines():
 EOF
 }
 
+# mux_metrics ADMIN_ADDR: the multiplexing figures of a proxy's /metrics, one line:
+# "upstream_connections shared_connections pinned_clients pins_total" (pins_total summed over
+# its reasons; "? ? ? ?" when the endpoint does not answer)
+mux_metrics() {
+    python3 - "$1" <<'EOF'
+import sys, urllib.request
+try:
+    body = urllib.request.urlopen("http://%s/metrics" % sys.argv[1], timeout=5).read().decode()
+except OSError:
+    print("? ? ? ?")
+    sys.exit(0)
+found = {}
+pins = None
+for line in body.splitlines():
+    if line.startswith("#"):
+        continue
+    name, _, value = line.rpartition(" ")
+    if name.startswith("redis_proxy_multiplex_pins_total{"):
+        pins = (pins or 0) + float(value)
+    else:
+        found[name] = value
+def get(name):
+    v = found.get(name)
+    return "?" if v is None else "%g" % float(v)
+print(get("redis_proxy_upstream_connections"), get("redis_proxy_multiplex_shared_connections"),
+      get('redis_proxy_multiplex_clients{state="pinned"}'), "?" if pins is None else "%g" % pins)
+EOF
+}
+
 # ---------------------------------------------------------------- certificates
 log "generating a CA and a server certificate in $WORK"
 CA="$WORK/ca.pem"
@@ -304,7 +344,7 @@ EOF
     wait_ping "$1" "$BG_PID" -h 127.0.0.1 -p "$2" --user "$USER_NAME" --pass "$PASS" --no-auth-warning
 }
 
-STUNNEL_PID="" HAPROXY_PID="" PROXY_PID="" ENTRA_PID="" WARM_PID=""
+STUNNEL_PID="" HAPROXY_PID="" PROXY_PID="" ENTRA_PID="" WARM_PID="" MUX_PID=""
 if want throughput || want setup; then
     STUNNEL_PORT="$(free_port)"
     cat >"$WORK/stunnel.conf" <<EOF
@@ -365,6 +405,18 @@ if want setup; then
     WARM_ACTIVE="$WARM_ACTIVE (with no client: redis_proxy_upstream_connections $WARM_IDLE, $WARM_SERVER more connections on redis-server)"
     log "warm pool active: $WARM_ACTIVE"
 fi
+# The multiplexed proxy starts last: redis-server's connected_clients just before it starts is
+# the baseline (the token issuers' connections, an idle warm pool, this script's INFO call), so
+# connected_clients - MUX_CLIENTS0 after a run is what the multiplexed proxy holds.
+if want throughput; then
+    MUX_PORT="$(free_port)"
+    MUX_ADMIN="127.0.0.1:$(free_port)"
+    MUX_CLIENTS0="$(redis_stat clients connected_clients)"
+    log "starting redis-entra-proxy (access-key mode, --multiplex $MULTIPLEX --cluster off) on :$MUX_PORT, admin $MUX_ADMIN"
+    start_key_proxy proxy-mux "$MUX_PORT" --multiplex "$MULTIPLEX" --cluster off --admin-listen "$MUX_ADMIN"
+    MUX_PID=$BG_PID
+    log "entra-proxy-mux at start: $(mux_metrics "$MUX_ADMIN") (upstream shared pinned pins), $(( $(redis_stat clients connected_clients) - MUX_CLIENTS0 )) more connections on redis-server"
+fi
 
 # ---------------------------------------------------------------- paths
 # redis-benchmark arguments that reach Redis through each path
@@ -379,6 +431,7 @@ path_args() {
         entra-proxy) echo -h 127.0.0.1 -p "$PROXY_PORT" ;;
         entra-proxy-entra) echo -h 127.0.0.1 -p "$ENTRA_PORT" ;;
         entra-proxy-warm) echo -h 127.0.0.1 -p "$WARM_PORT" ;;
+        entra-proxy-mux) echo -h 127.0.0.1 -p "$MUX_PORT" ;;
     esac
 }
 path_pid() {
@@ -388,6 +441,7 @@ path_pid() {
         entra-proxy) echo "$PROXY_PID" ;;
         entra-proxy-entra) echo "$ENTRA_PID" ;;
         entra-proxy-warm) echo "$WARM_PID" ;;
+        entra-proxy-mux) echo "$MUX_PID" ;;
         *) echo "" ;;
     esac
 }
@@ -410,7 +464,7 @@ BENCH_TIMEOUT=300 # no single redis-benchmark run may take longer
 
 # ================================================================ 1. throughput
 if want throughput; then
-PATHS=(direct-plain direct-tls stunnel haproxy entra-proxy entra-proxy-entra)
+PATHS=(direct-plain direct-tls stunnel haproxy entra-proxy entra-proxy-entra entra-proxy-mux)
 N_MAIN=$(( 100000 / SCALE ))
 N_RT=$(( 20000 / SCALE ))
 WORKLOADS=(c50 c50-P16 c1-rtt)
@@ -424,9 +478,13 @@ workload_args() {
 
 RESULTS="$WORK/results.txt" # round workload path test rps avg_ms cpu_ticks requests
 : >"$RESULTS"
+MUX_RESULTS="$WORK/mux.txt" # round workload upstream shared pinned pins_in_run server_conns server_calls requests
+: >"$WORK/vs.md" # rows of the proxies-against-haproxy table, written by the report below
+: >"$MUX_RESULTS"
 run_one() {
-    local round="$1" wl="$2" path="$3" pid before after out ntests requests args
+    local round="$1" wl="$2" path="$3" pid before after out ntests requests args m0="" calls0=0
     pid="$(path_pid "$path")"
+    [ "$path" != entra-proxy-mux ] || { m0="$(mux_metrics "$MUX_ADMIN")"; calls0="$(redis_calls)"; }
     before=0
     [ -z "$pid" ] || before="$(cpu_ticks "$pid")"
     read -r -a args <<<"$(path_args "$path") $(workload_args "$wl")"
@@ -436,6 +494,11 @@ run_one() {
     fi
     after=0
     [ -z "$pid" ] || after="$(cpu_ticks "$pid")"
+    # The multiplexed proxy right after the run: its upstream connections (its gauge, and what
+    # redis-server counts beyond the baseline), the clients it pinned during the run, and the
+    # commands that reached redis-server. (m0 and mux_metrics are 4 words each, split on purpose.)
+    # shellcheck disable=SC2086,SC2046
+    [ "$path" != entra-proxy-mux ] || mux_record "$round" "$wl" "$calls0" $m0 $(mux_metrics "$MUX_ADMIN")
     # CSV: "test","rps","avg_latency_ms",...; one row per test
     out="$(printf '%s\n' "$out" | tr -d '"' | awk -F, '$1=="SET"||$1=="GET"{print $1, $2, $3}')"
     ntests="$(printf '%s\n' "$out" | grep -c . || true)"
@@ -445,6 +508,23 @@ run_one() {
     printf '%s\n' "$out" | while read -r test rps avg; do
         echo "$round $wl $path $test $rps $avg $(( after - before )) $requests"
     done >>"$RESULTS"
+}
+
+# redis_calls: SET + GET calls redis-server has processed (INFO commandstats)
+redis_calls() {
+    rcli INFO commandstats | tr -d '\r' |
+        awk -F'[:=,]' '$1 == "cmdstat_set" || $1 == "cmdstat_get" { n += $3 } END { print n + 0 }'
+}
+# mux_record ROUND WORKLOAD CALLS-BEFORE METRICS-BEFORE(4) METRICS-AFTER(4): one line of
+# $MUX_RESULTS, with the SET/GET calls redis-server processed during the run (it must have
+# processed them all: the multiplexed path relays every command) and the requests sent
+mux_record() {
+    local pins="?" requests conns calls
+    case "$2" in c1-rtt) requests="$N_RT" ;; *) requests=$(( 2 * N_MAIN )) ;; esac
+    [ "$7" = "?" ] || [ "${11}" = "?" ] || pins=$(( ${11%.*} - ${7%.*} ))
+    conns=$(( $(redis_stat clients connected_clients) - MUX_CLIENTS0 ))
+    calls=$(( $(redis_calls) - $3 ))
+    echo "$1 $2 $8 $9 ${10} $pins $conns $calls $requests" >>"$MUX_RESULTS"
 }
 
 log "smoke run of every path"
@@ -472,13 +552,14 @@ RSS_STUNNEL="$(hwm "$STUNNEL_PID")"
 RSS_HAPROXY="$(hwm "$HAPROXY_PID")"
 RSS_PROXY="$(hwm "$PROXY_PID")"
 RSS_ENTRA="$(hwm "$ENTRA_PID")"
+RSS_MUX="$(hwm "$MUX_PID")"
 ENTRA_TOKENS="$(wc -l <"$WORK/issuer-long.tokens")"
 
 {
 echo "### Throughput (redis-benchmark, $ROUNDS interleaved rounds, medians, -d 64)"
 echo
-awk -v clk="$CLK_TCK" -v summary="$SUMMARY" \
-    -v rss_stunnel="$RSS_STUNNEL" -v rss_haproxy="$RSS_HAPROXY" -v rss_proxy="$RSS_PROXY" -v rss_entra="$RSS_ENTRA" '
+awk -v clk="$CLK_TCK" -v summary="$SUMMARY" -v vs="$WORK/vs.md" -v mux_n="$MULTIPLEX" \
+    -v rss_stunnel="$RSS_STUNNEL" -v rss_haproxy="$RSS_HAPROXY" -v rss_proxy="$RSS_PROXY" -v rss_entra="$RSS_ENTRA" -v rss_mux="$RSS_MUX" '
 function median(key,   n, i, j, t, a) {
     n = split(vals[key], a, " ")
     for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
@@ -494,11 +575,11 @@ function median(key,   n, i, j, t, a) {
     wlseen[wl] = 1
 }
 END {
-    np = split("direct-plain direct-tls stunnel haproxy entra-proxy entra-proxy-entra", paths, " ")
+    np = split("direct-plain direct-tls stunnel haproxy entra-proxy entra-proxy-entra entra-proxy-mux", paths, " ")
     nt["c50"] = 2; tn["c50", 1] = "SET"; tn["c50", 2] = "GET"
     nt["c50-P16"] = 2; tn["c50-P16", 1] = "SET"; tn["c50-P16", 2] = "GET"
     nt["c1-rtt"] = 1; tn["c1-rtt", 1] = "GET"
-    rss["stunnel"] = rss_stunnel; rss["haproxy"] = rss_haproxy; rss["entra-proxy"] = rss_proxy; rss["entra-proxy-entra"] = rss_entra
+    rss["stunnel"] = rss_stunnel; rss["haproxy"] = rss_haproxy; rss["entra-proxy"] = rss_proxy; rss["entra-proxy-entra"] = rss_entra; rss["entra-proxy-mux"] = rss_mux
     print "| workload | path | requests/s | spread | x TLS | avg ms | CPU s/100k | CPU us/req |"
     print "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     split("c50 c50-P16 c1-rtt", order, " ")
@@ -523,6 +604,21 @@ END {
                     else if (wl == "c50" && path ~ /^entra-proxy/) printf "| CPU per request, -c 50 | %s | %.1f us | <= 10 us |\n", path, c * 10 >> summary
                 }
                 printf "| %s | %s | %.0f | %.0f%% | %.2f | %.3f | %s | %s |\n", label, path, rps, spread(k), rps / tls, avg, cpus, cpuus
+                # every proxy against haproxy: requests/s, and CPU per request (one per run)
+                hk = wl SUBSEP "haproxy" SUBSEP test
+                if ((path in rss) && (hk in vals)) {
+                    hrps = median(hk); hc = median_cpu(wl SUBSEP "haproxy")
+                    cx = "-"; cu = "-"
+                    if (t == 1) { cu = sprintf("%.1f", c * 10); cx = (hc > 0 ? sprintf("%.2f", c / hc) : "-") }
+                    else { cu = "\""; cx = "\"" }
+                    printf "| %s | %s | %.0f | %.2f | %.2f | %s | %s |\n", label, path, rps, rps / tls, rps / hrps, cu, cx >> vs
+                    if (path == "entra-proxy-mux" && wl != "c1-rtt") {
+                        wll = (wl == "c50" ? "-c 50" : "-c 50 -P 16")
+                        printf "| throughput %s %s, x haproxy | %s (--multiplex %s) | %.2f (x TLS %.2f) | - |\n", wll, test, path, mux_n, rps / hrps, rps / tls >> summary
+                        if (t == 1 && hc > 0)
+                            printf "| CPU per request %s, x haproxy | %s (--multiplex %s) | %.1f us vs %.1f us: %.2f | - |\n", wll, path, mux_n, c * 10, hc * 10, c / hc >> summary
+                    }
+                }
                 if (path ~ /^entra-proxy/ && test == "GET" && wl != "c1-rtt")
                     printf "| throughput %s GET, x direct TLS | %s | %.2f | >= %s |\n", (wl == "c50" ? "-c 50" : "-c 50 -P 16"), path, rps / tls, (wl == "c50" ? "0.80" : "0.70") >> summary
             }
@@ -543,7 +639,7 @@ END {
     }
     printf "\nspread = (max - min) / median of requests/s over the rounds; x TLS = median / median of direct-tls.\n"
     printf "CPU s/100k = proxy CPU seconds per 100,000 requests (SET+GET of one run together; the \" row repeats it).\n"
-    printf "Peak RSS (VmHWM) after the throughput runs: stunnel %d KiB, haproxy %d KiB, entra-proxy %d KiB, entra-proxy-entra %d KiB.\n", rss["stunnel"], rss["haproxy"], rss["entra-proxy"], rss["entra-proxy-entra"]
+    printf "Peak RSS (VmHWM) after the throughput runs: stunnel %d KiB, haproxy %d KiB, entra-proxy %d KiB, entra-proxy-entra %d KiB, entra-proxy-mux %d KiB.\n", rss["stunnel"], rss["haproxy"], rss["entra-proxy"], rss["entra-proxy-entra"], rss["entra-proxy-mux"]
 }
 function spread(key,   n, i, a, lo, hi) {
     n = split(vals[key], a, " "); lo = a[1]; hi = a[1]
@@ -555,11 +651,52 @@ function median_cpu(key,   save, m) { save = vals[key]; vals[key] = cpu[key]; m 
 ' "$RESULTS"
 echo "entra-proxy-entra fetched $ENTRA_TOKENS token(s) from the local managed identity endpoint (1 h lifetime: no refresh during the runs)."
 echo
+echo "#### The proxies against haproxy (same medians)"
+echo
+echo "| workload | path | requests/s | x TLS | x haproxy | CPU us/req | CPU x haproxy |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+cat "$WORK/vs.md"
+echo
+echo "x haproxy = the path's median requests/s / haproxy's; CPU x haproxy = the proxy's CPU per request / haproxy's (one figure per run, the \" row repeats it)."
+echo
+echo "#### entra-proxy-mux (--multiplex $MULTIPLEX --cluster off): upstream connections"
+echo
+echo "Read right after each of its runs: \`redis_proxy_upstream_connections\` and \`redis_proxy_multiplex_shared_connections\` on its \`/metrics\`, redis-server's \`connected_clients\` minus the count just before this proxy started (the token issuers, an idle warm pool and the INFO call itself), the clients it pinned to a connection of their own during the run (\`redis_proxy_multiplex_pins_total\`, all reasons; redis-benchmark's \`CONFIG GET\` connection at start is one), and the SET + GET calls redis-server processed during the run (\`INFO commandstats\`): every request sent must be there."
+echo
+echo "| round | workload | redis_proxy_upstream_connections | shared connections | pinned clients now | clients pinned in the run | redis-server connections beyond the baseline | SET+GET calls on redis-server in the run / requests sent |"
+echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+awk '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s / %s |\n", $1, ($2 == "c50" ? "-c 50" : $2 == "c50-P16" ? "-c 50 -P 16" : "-c 1"), $3, $4, $5, $6, $7, $8, $9 }' "$MUX_RESULTS"
+echo
+MUX_UP="$(awk '$2 == "c50" { print $3 }' "$MUX_RESULTS" | sort -u | paste -sd/ -)"
+MUX_SERVER="$(awk '$2 == "c50" { print $7 }' "$MUX_RESULTS" | sort -u | paste -sd/ -)"
+MUX_OK=yes
+[ "$MUX_UP" = "$MULTIPLEX" ] && [ "$MUX_SERVER" = "$MULTIPLEX" ] || MUX_OK=NO
+echo "After the -c 50 runs: redis_proxy_upstream_connections $MUX_UP, redis-server connections beyond the baseline $MUX_SERVER (expected $MULTIPLEX: $MUX_OK)."
+echo
+# the proxies' own logs (RUST_LOG=warn): anything there is a warning or an error
+for name in proxy proxy-entra proxy-mux; do
+    n="$(grep -c . "$WORK/$name.log" || true)"
+    echo "$name.log (RUST_LOG=warn): $n line(s)."
+    if [ "$n" -gt 0 ]; then
+        echo
+        echo '```'
+        head -5 "$WORK/$name.log" | cut -c1-300
+        echo '```'
+    fi
+    echo
+done
 } >>"$REPORT"
+echo "| upstream connections after -c 50 (gauge / redis-server) | entra-proxy-mux (--multiplex $MULTIPLEX) | $MUX_UP / $MUX_SERVER | = $MULTIPLEX |" >>"$SUMMARY"
+[ "$MUX_OK" = yes ] || log "WARNING: entra-proxy-mux had $MUX_UP (gauge) / $MUX_SERVER (redis-server) upstream connections after -c 50, expected $MULTIPLEX"
+# every command sent through the multiplexed proxy must have reached redis-server
+awk '$8 < $9 { bad = 1 } END { exit bad }' "$MUX_RESULTS" ||
+    die "redis-server processed fewer SET/GET calls than were sent through entra-proxy-mux: $(cat "$MUX_RESULTS")"
 
 if [ -n "${BENCH_RAW_OUT:-}" ]; then
     cp "$RESULTS" "$BENCH_RAW_OUT"
     log "raw results (round workload path test rps avg_ms cpu_ticks requests) in $BENCH_RAW_OUT"
+    cp "$MUX_RESULTS" "$BENCH_RAW_OUT.mux"
+    log "entra-proxy-mux after each run (round workload upstream shared pinned pins_in_run server_conns server_calls requests) in $BENCH_RAW_OUT.mux"
 fi
 fi
 
@@ -658,7 +795,7 @@ echo
 fi
 
 # The throughput and setup processes are not needed any more: less noise for what follows.
-for pid in "$STUNNEL_PID" "$HAPROXY_PID" "$PROXY_PID" "$ENTRA_PID" "$WARM_PID"; do
+for pid in "$STUNNEL_PID" "$HAPROXY_PID" "$PROXY_PID" "$ENTRA_PID" "$WARM_PID" "$MUX_PID"; do
     [ -z "$pid" ] || stop_bg "$pid"
 done
 
