@@ -79,6 +79,53 @@ async fn steps(config: &Config, stop: &CancellationToken) -> Result<(), String> 
     if config.cluster.mode != ClusterMode::Off {
         check_cluster(config, &upstream, &mut stream, credential.as_deref()).await?;
     }
+    if config.multiplex > 0 {
+        check_multiplex(config, &mut stream).await?;
+    }
+    Ok(())
+}
+
+/// The multiplexing step: the command table the shared connections decide from, read as they
+/// read it, and what it makes of a few commands clients send all the time.
+async fn check_multiplex(
+    config: &Config,
+    stream: &mut crate::upstream::UpstreamStream,
+) -> Result<(), String> {
+    use crate::mux::table::{CommandTable, Decision};
+    let replies = roundtrip(stream, &[encode_command(&[b"COMMAND"])])
+        .await
+        .map_err(|e| format!("multiplex: COMMAND: {e}"))?;
+    let reply = replies.first().ok_or("multiplex: COMMAND: no reply")?;
+    let Some(table) = CommandTable::from_command_reply(reply) else {
+        return Err(format!(
+            "multiplex: COMMAND gave no command table ({}): every client would get a \
+             connection of its own",
+            error_text(reply)
+        ));
+    };
+    let shown: Vec<String> = [
+        &b"GET"[..],
+        b"SET",
+        b"EVALSHA",
+        b"MULTI",
+        b"BLPOP",
+        b"SUBSCRIBE",
+    ]
+    .iter()
+    .map(|name| {
+        let verdict = match table.decide(name, None) {
+            Decision::Share => "shared".to_string(),
+            Decision::Pin(reason) => format!("pins ({})", reason.label()),
+        };
+        format!("{} {verdict}", String::from_utf8_lossy(name))
+    })
+    .collect();
+    println!(
+        "multiplex: {} shared connections per upstream; COMMAND read ({} commands): {}",
+        config.multiplex,
+        table.len(),
+        shown.join(", ")
+    );
     Ok(())
 }
 

@@ -76,6 +76,9 @@ pub struct Metrics {
     pub mux_pinned_clients: IntGauge,
     /// `redis_proxy_multiplex_pins_total{reason}`: clients pinned, by what made them.
     pub mux_pins: IntCounterVec,
+    /// `redis_proxy_multiplex_configured_connections`: `--multiplex N` (0: off), so that the
+    /// admin endpoint says which mode the proxy is in.
+    pub mux_configured: IntGauge,
     /// `redis_proxy_multiplex_shared_connections`: shared upstream connections open and
     /// authenticated now.
     pub mux_shared_connections: IntGauge,
@@ -108,7 +111,7 @@ impl Metrics {
             ),
             client_rejections: counter_vec(
                 "redis_proxy_client_rejections_total",
-                "Client connections refused, by reason (max_connections, no_credential, upstream).",
+                "Client connections refused, by reason (max_connections, no_credential, upstream; output_buffer: a multiplexed client that left too much unread).",
                 "reason",
             ),
             upstream_connections: gauge(
@@ -165,6 +168,10 @@ impl Metrics {
                 "redis_proxy_multiplex_pins_total",
                 "Clients given a connection of their own (--multiplex), by the reason.",
                 "reason",
+            ),
+            mux_configured: gauge(
+                "redis_proxy_multiplex_configured_connections",
+                "Shared upstream connections configured (--multiplex N; 0: off, every client has its own).",
             ),
             mux_shared_connections: gauge(
                 "redis_proxy_multiplex_shared_connections",
@@ -234,6 +241,7 @@ impl Metrics {
             Box::new(self.mux_shared_clients.clone()),
             Box::new(self.mux_pinned_clients.clone()),
             Box::new(self.mux_pins.clone()),
+            Box::new(self.mux_configured.clone()),
             Box::new(self.mux_shared_connections.clone()),
             Box::new(self.mux_commands_per_write.clone()),
             Box::new(self.mux_failed_commands.clone()),

@@ -31,6 +31,12 @@ use support::differential::{PlainRedis, Script, Step, compare, play};
 
 /// How long every connection must stay quiet before the next step.
 const QUIET: Duration = Duration::from_millis(25);
+/// The same with a multiplexing proxy: a client's first command off the allow-list waits for
+/// its own connection (from the warm pool, or a new TLS connection and `AUTH` when several
+/// lanes drain it at once), and what it sends next must not overtake that in time. Below the
+/// shortest blocking timeout of the grammar (100 ms), whose reply must fall in the pause that
+/// follows it on both paths.
+const LANE_QUIET: Duration = Duration::from_millis(50);
 
 fn cases(default: u64) -> (u64, u64) {
     let base = std::env::var("DIFF_SEED").ok().and_then(|s| s.parse().ok());
@@ -431,6 +437,199 @@ async fn differential_with_rotating_entra_tokens() {
         count,
     )
     .await;
+}
+
+/// The names scripts use for keys and channels (in arguments, patterns and Lua source).
+const NAMES: &[&str] = &[
+    "k0", "k1", "k2", "k3", "kinline", "counter", "list", "list2", "hash", "stream", "jobs", "ch0",
+    "ch1", "ch2", "ch9", "inside",
+];
+
+/// `script` made independent of scripts with another `prefix`: every key and channel name
+/// (and the `ch*` pattern) prefixed, so that several lanes can run at once against one server
+/// and each still sees exactly what it would alone. `None` for a script a lane can't be made
+/// of: `MONITOR` sees every lane, inline commands can't be rewritten.
+fn lane(script: &Script, prefix: &str) -> Option<Script> {
+    use support::resp::{ParsedCommand, encode_command, parse_command};
+    let rename = |arg: &[u8]| -> Vec<u8> {
+        let text = String::from_utf8_lossy(arg);
+        if NAMES.contains(&text.as_ref()) || text == "ch*" {
+            return format!("{prefix}{text}").into_bytes();
+        }
+        if text.contains("redis.call") {
+            let mut lua = text.into_owned();
+            for name in NAMES {
+                lua = lua.replace(&format!("'{name}'"), &format!("'{prefix}{name}'"));
+            }
+            return lua.into_bytes();
+        }
+        arg.to_vec()
+    };
+    let mut steps = Vec::with_capacity(script.steps.len());
+    for step in &script.steps {
+        let Step::Send(n, bytes) = step else {
+            steps.push(step.clone());
+            continue;
+        };
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let (ParsedCommand::Multibulk(args), used) = parse_command(rest).ok()?? else {
+                return None;
+            };
+            if args
+                .first()
+                .is_some_and(|a| a.eq_ignore_ascii_case(b"MONITOR"))
+            {
+                return None;
+            }
+            let renamed: Vec<Vec<u8>> = args.iter().map(|a| rename(a)).collect();
+            out.extend(encode_command(&renamed));
+            rest = &rest[used..];
+        }
+        steps.push(Step::Send(*n, out));
+    }
+    Some(Script {
+        connections: script.connections,
+        steps,
+    })
+}
+
+/// Several lanes at once, through a proxy that shares connections (`--multiplex 2`, a warm
+/// pool for the pinned) while tokens live a second, each lane's reply streams compared with the same lane played
+/// directly (its lanes at once too).
+async fn fuzz_lanes(base: u64, count: u64, lanes: usize) {
+    let lifetime = Duration::from_secs(1);
+    let mut case = 0;
+    let mut seed = base;
+    let mut shared_total = 0.0;
+    while case < count {
+        let mut scripts = Vec::new();
+        while scripts.len() < lanes {
+            if let Some(l) = lane(&generate(seed, true), &format!("L{}:", scripts.len())) {
+                scripts.push((seed, l));
+            }
+            seed = seed.wrapping_add(1);
+        }
+        let setup = Setup::entra_app_service(lifetime).await;
+        let proxy = setup
+            .start_proxy_with(
+                &[
+                    "--multiplex",
+                    "2",
+                    "--cluster",
+                    "off",
+                    "--warm-connections",
+                    "8",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                ],
+                &[],
+            )
+            .await;
+        let direct = PlainRedis::start().await;
+        let plays = scripts.iter().flat_map(|(_, script)| {
+            [
+                play(direct.addr(), script, LANE_QUIET),
+                play(proxy.addr(), script, LANE_QUIET),
+            ]
+        });
+        let transcripts = futures_join_all(plays.collect()).await;
+        for (i, (lane_seed, script)) in scripts.iter().enumerate() {
+            let (d, p) = (&transcripts[2 * i], &transcripts[2 * i + 1]);
+            if let Err(diff) = compare(script, d, p) {
+                panic!(
+                    "lane {i} (seed {lane_seed}; the case's lanes start at seed {}; replay with \
+                     DIFF_SEED=<that>): {diff}\n--- proxy output (tail) ---\n{}",
+                    scripts[0].0,
+                    tail(&proxy.output(), 40)
+                );
+            }
+        }
+        assert_eq!(
+            setup.front().connections_closed_by_server(),
+            0,
+            "a connection missed its re-authentication deadline"
+        );
+        // Commands went out on the shared connections (a case whose lanes all pin at their
+        // first command shares nothing; the cases together must).
+        let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
+        let metrics = support::http_get(&format!("http://{admin}/metrics"))
+            .await
+            .body;
+        let shared_writes = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_proxy_multiplex_commands_per_write_sum "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_default();
+        shared_total += shared_writes;
+        case += 1;
+    }
+    assert!(shared_total > 0.0 || count < 3, "no case shared a command");
+}
+
+/// Runs every future at once (on this task) and gives their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut handles: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (h, out) in handles.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match h.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_multiplexed_lanes_at_once_with_rotating_entra_tokens() {
+    let (base, count) = cases(6);
+    fuzz_lanes(base, count, 3).await;
+}
+
+#[test]
+fn a_lane_renames_every_key_and_channel_and_refuses_monitor() {
+    let script = Script {
+        connections: 1,
+        steps: vec![Step::Send(
+            0,
+            [
+                cmd(&["SET", "k1", "v"]),
+                cmd(&["PSUBSCRIBE", "ch*"]),
+                cmd(&["EVAL", "return redis.call('incr', 'counter')", "0"]),
+            ]
+            .concat(),
+        )],
+    };
+    let l = lane(&script, "L0:").expect("a lane");
+    let Step::Send(0, bytes) = &l.steps[0] else {
+        panic!("{:?}", l.steps)
+    };
+    assert_eq!(
+        bytes,
+        &[
+            cmd(&["SET", "L0:k1", "v"]),
+            cmd(&["PSUBSCRIBE", "L0:ch*"]),
+            cmd(&["EVAL", "return redis.call('incr', 'L0:counter')", "0"]),
+        ]
+        .concat()
+    );
+    let monitor = Script {
+        connections: 1,
+        steps: vec![Step::Send(0, cmd(&["MONITOR"]))],
+    };
+    assert!(lane(&monitor, "L0:").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,8 +20,8 @@
 //! it set), and the 1:1 relay ([`crate::relay`]) takes it from there for the rest of its life.
 //! A client is always on the same shared connection, so its commands never overtake each other.
 
-pub mod client;
-pub mod conn;
+mod client;
+mod conn;
 pub mod table;
 
 use crate::connector::Connector;
@@ -101,6 +101,9 @@ impl Multiplexer {
         stop: CancellationToken,
     ) -> Multiplexer {
         let metrics = connector.metrics.clone();
+        metrics
+            .mux_configured
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
         for reason in table::PinReason::ALL {
             metrics.mux_pins.with_label_values(&[reason.label()]);
         }

@@ -48,6 +48,17 @@
 //! after `ASKING` the proxy sends `ASKING` again so that the client's next command still gets
 //! it ([`Injection`]). A RESP2 subscriber can be re-authenticated because its upstream speaks
 //! RESP3, where `AUTH` is allowed while subscribed ([`Framing::Resp2OverResp3`]).
+//!
+//! # Shared connections (`--multiplex`)
+//!
+//! The other place an `AUTH` is injected is a shared connection of the multiplexer
+//! (`crate::mux::conn`). Only commands of the allow-list run there (`crate::mux::table`): none
+//! creates connection state, so conditions 3 and 5 hold by construction (no transaction, no
+//! blocking command, no subscription, no reply-mode or protocol change ever reaches a shared
+//! connection; a client that needs one is first moved to a connection of its own, where this
+//! file's rules apply). Condition 4 holds because clients hand a shared connection whole
+//! commands only. What remains is condition 1, checked there: a newer credential than the
+//! connection's, and no `AUTH` of its own in flight.
 
 use crate::credential::AuthCredential;
 use std::sync::Arc;

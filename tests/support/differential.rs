@@ -179,10 +179,18 @@ pub async fn play(addr: SocketAddr, script: &Script, quiet: Duration) -> Transcr
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut writers = Vec::new();
     let mut ids = Vec::new();
+    // Learnt only when the script names them: `CLIENT ID` is itself a command that matters
+    // (a multiplexing proxy gives a client that sends it a connection of its own).
+    let wants_ids = script
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::Send(_, b) if b.windows(4).any(|w| w == b"{id:")));
     for n in 0..script.connections {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        ids.push(client_id(&mut stream).await);
+        if wants_ids {
+            ids.push(client_id(&mut stream).await);
+        }
         let (mut rd, wr) = stream.into_split();
         writers.push(Some(wr));
         let tx = tx.clone();
