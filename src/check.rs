@@ -123,7 +123,7 @@ async fn check_multiplex(
     println!(
         "multiplex: {} shared connections per upstream; COMMAND read ({} commands): {}",
         config.multiplex,
-        table.len(),
+        table.commands(),
         shown.join(", ")
     );
     Ok(())

@@ -246,7 +246,7 @@ async fn read_table(stream: &mut UpstreamStream) -> CommandTable {
             .and_then(|r| CommandTable::from_command_reply(r))
         {
             Some(table) => {
-                tracing::info!(commands = table.len(), "multiplex: command table read");
+                tracing::info!(commands = table.commands(), "multiplex: command table read");
                 table
             }
             None => {

@@ -258,7 +258,7 @@ impl CommandTable {
     }
 
     /// How many commands (containers counted once) the table knows.
-    pub fn len(&self) -> usize {
+    pub fn commands(&self) -> usize {
         self.commands.len()
     }
 
@@ -445,7 +445,7 @@ mod tests {
                 vec![entry("object|encoding", &["readonly"], vec![])],
             ),
         ]);
-        assert!(t.len() > 10);
+        assert!(t.commands() > 10);
         let share = Decision::Share;
         assert_eq!(t.decide(b"GET", None), share);
         assert_eq!(t.decide(b"set", None), share);
