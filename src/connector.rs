@@ -65,28 +65,55 @@ impl Connector {
     }
 
     /// The same, to another node of a clustered cache (see [`Upstream::for_node`]).
+    ///
+    /// A connection refused at `AUTH` is tried once more when a newer credential was
+    /// published meanwhile: under load, the TCP + TLS handshake can outlast the token picked
+    /// before it (the server then rejects a token that has just expired).
     pub async fn open_to(&self, upstream: &Upstream) -> Result<Ready, OpenError> {
-        let credential = if self.authenticate {
+        let mut credential = if self.authenticate {
             let c = self.credentials.wait_current(self.connect_timeout).await;
             Some(c.map_err(|e| OpenError::NoCredential(e.to_string()))?)
         } else {
             None
         };
-        let started = Instant::now();
-        match upstream.connect(credential.as_deref()).await {
-            Ok(stream) => {
-                self.metrics
-                    .upstream_connect_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                Ok(Ready { stream, credential })
-            }
-            Err(e) => {
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[e.kind()])
-                    .inc();
-                Err(OpenError::Upstream(e))
+        let mut retried = false;
+        loop {
+            let started = Instant::now();
+            match upstream.connect(credential.as_deref()).await {
+                Ok(stream) => {
+                    self.metrics
+                        .upstream_connect_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return Ok(Ready { stream, credential });
+                }
+                Err(UpstreamError::Auth(_))
+                    if !retried && self.newer_than(&credential).is_some() =>
+                {
+                    retried = true;
+                    credential = self.newer_than(&credential);
+                }
+                Err(e) => {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[e.kind()])
+                        .inc();
+                    return Err(OpenError::Upstream(e));
+                }
             }
         }
+    }
+
+    /// A valid credential newer than `used`, if one has been published since.
+    fn newer_than(
+        &self,
+        used: &Option<Arc<crate::credential::AuthCredential>>,
+    ) -> Option<Arc<crate::credential::AuthCredential>> {
+        let used = used.as_ref()?.generation;
+        let state = self.credentials.subscribe();
+        let state = state.borrow();
+        state
+            .valid_at(std::time::SystemTime::now())
+            .filter(|c| c.generation > used)
+            .cloned()
     }
 }

@@ -211,3 +211,35 @@ async fn check_with_cluster_on_fails_on_a_cache_that_is_not_a_cluster() {
         out.all()
     );
 }
+
+#[tokio::test]
+async fn check_shows_the_multiplexing_and_the_command_table_it_decides_from() {
+    let setup = Setup::access_key().await;
+    let out = check(&setup, &["--multiplex", "4", "--cluster", "off"], &[]).await;
+    assert_eq!(out.code(), Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("multiplex: 4 shared connections per upstream; COMMAND read (")
+            && out.stdout.contains("GET shared, SET shared, EVALSHA shared, MULTI pins (transaction), BLPOP pins (blocking), SUBSCRIBE pins (subscribe)"),
+        "{}",
+        out.all()
+    );
+    // A user that may not run COMMAND: nothing could be shared, and check says so.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-command")
+        .query_async(&mut setup.redis.admin().await)
+        .await
+        .expect("ACL SETUSER");
+    let out = check(&setup, &["--multiplex", "4", "--cluster", "off"], &[]).await;
+    assert_eq!(out.code(), Some(1), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("multiplex: COMMAND gave no command table (NOPERM")
+            && out
+                .stdout
+                .contains("every client would get a connection of its own"),
+        "{}",
+        out.all()
+    );
+}

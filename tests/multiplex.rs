@@ -604,3 +604,45 @@ async fn an_unreachable_cache_is_a_clear_error() {
         "{reply:?}"
     );
 }
+
+#[tokio::test]
+async fn without_the_command_table_every_client_is_pinned_and_served() {
+    let setup = Setup::access_key().await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-command")
+        .query_async(&mut setup.redis.admin().await)
+        .await
+        .expect("ACL SETUSER");
+    let proxy = setup
+        .start_proxy_with(
+            &[
+                "--multiplex",
+                "2",
+                "--cluster",
+                "off",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            &[],
+        )
+        .await;
+    let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    assert_eq!(c.cmd(&["SET", "t", "1"]).await, Value::ok());
+    assert_eq!(c.cmd(&["GET", "t"]).await, bulk("1"));
+    assert!(
+        proxy.output_contains("every client gets a connection of its own"),
+        "{}",
+        proxy.output()
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "redis_proxy_multiplex_pins_total{reason=\"no_command_table\"}"
+        )
+        .await,
+        1.0
+    );
+}
