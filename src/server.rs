@@ -473,7 +473,8 @@ where
     };
     let mut session = session;
     if let Some(h) = &handoff {
-        session.take_over(&h.input, &h.setup, h.authenticated);
+        let resp3 = h.protocol == crate::mux::Protocol::Resp3;
+        session.take_over(&h.input, &h.setup, h.authenticated, resp3);
     }
     if let Some(view) = cluster_view(&shared, &target, local_ip).await {
         session.set_cluster(view);

@@ -527,6 +527,20 @@ async fn fuzz_lanes(base: u64, count: u64, lanes: usize) {
                 &[],
             )
             .await;
+        // Played once the warm pool is full and the shared connections are open, so that a
+        // pin at the first step takes a ready connection.
+        let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
+        let ready = support::wait_until_async(Duration::from_secs(20), || async {
+            let body = support::http_get(&format!("http://{admin}/metrics"))
+                .await
+                .body;
+            body.lines().any(|l| l == "redis_proxy_warm_connections 8")
+                && body
+                    .lines()
+                    .any(|l| l == "redis_proxy_multiplex_shared_connections 2")
+        })
+        .await;
+        assert!(ready, "the proxy did not get ready\n{}", proxy.output());
         let direct = PlainRedis::start().await;
         let plays = scripts.iter().flat_map(|(_, script)| {
             [
@@ -553,7 +567,6 @@ async fn fuzz_lanes(base: u64, count: u64, lanes: usize) {
         );
         // Commands went out on the shared connections (a case whose lanes all pin at their
         // first command shares nothing; the cases together must).
-        let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
         let metrics = support::http_get(&format!("http://{admin}/metrics"))
             .await
             .body;

@@ -192,12 +192,30 @@ async fn connect_time_chatter_of_real_clients_does_not_pin() {
     // Two clients, two shared connections, no other upstream connection.
     assert_eq!(metric(admin, "redis_proxy_upstream_connections").await, 2.0);
     assert_eq!(setup.front().connections_open(), 2);
-    // A RESP3 client is pinned, and then speaks RESP3.
+    // A RESP3 client is shared too, on RESP3 shared connections opened for it, and keeps
+    // RESP3 when it is pinned later.
     let mut resp3 = RespClient::connect(proxy.addr()).await;
     let hello = resp3.cmd(&["HELLO", "3"]).await;
     assert!(matches!(hello, Value::Map(_)), "{hello:?}");
+    assert_eq!(resp3.cmd(&["HSET", "h3", "f", "v"]).await, Value::Int(1));
+    let map = resp3.cmd(&["HGETALL", "h3"]).await;
+    assert_eq!(map, Value::Map(vec![(bulk("f"), bulk("v"))]));
+    assert_eq!(resp3.cmd(&["CLIENT", "GETNAME"]).await, Value::Nil);
+    assert_eq!(pins(admin).await, 0.0, "{}", proxy.output());
     assert_eq!(
-        metric(admin, "redis_proxy_multiplex_pins_total{reason=\"hello\"}").await,
+        metric(admin, "redis_proxy_multiplex_shared_connections").await,
+        4.0
+    );
+    assert_eq!(resp3.cmd(&["MULTI"]).await, Value::ok());
+    assert_eq!(resp3.cmd(&["HGETALL", "h3"]).await, Value::simple("QUEUED"));
+    let exec = resp3.cmd(&["EXEC"]).await;
+    assert_eq!(exec, Value::Array(vec![map]));
+    assert_eq!(
+        metric(
+            admin,
+            "redis_proxy_multiplex_pins_total{reason=\"transaction\"}"
+        )
+        .await,
         1.0
     );
 }

@@ -59,6 +59,18 @@ pub enum Next {
     Pin(PinReason),
     /// Close once every reply owed is written (`QUIT`, malformed input).
     Close,
+    /// Move to a shared connection of the other protocol (`HELLO 3` / `HELLO 2`) once every
+    /// reply owed is written; its `HELLO` is then shared there.
+    Switch(Protocol),
+}
+
+/// The protocol a shared connection (and so its clients) speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// RESP2, what a client speaks until it says `HELLO 3`.
+    Resp2,
+    /// RESP3.
+    Resp3,
 }
 
 /// What the 1:1 relay needs to take over a client that was shared.
@@ -72,6 +84,8 @@ pub struct Handoff {
     pub setup: Vec<Bytes>,
     /// The client has given `--listen-password` (or none is set).
     pub authenticated: bool,
+    /// The protocol the client speaks (its new connection is switched to it first).
+    pub protocol: Protocol,
 }
 
 /// The sans-IO state of one shared client. See the module documentation.
@@ -90,6 +104,7 @@ pub struct ClientCore {
     name: Option<Bytes>,
     /// `CLIENT SETINFO` commands, replayed on a pinned connection.
     setinfo: Vec<Bytes>,
+    protocol: Protocol,
     next: Next,
 }
 
@@ -117,6 +132,7 @@ impl ClientCore {
             authenticated,
             name: None,
             setinfo: Vec::new(),
+            protocol: Protocol::Resp2,
             next: Next::Relay,
         }
     }
@@ -155,6 +171,13 @@ impl ClientCore {
         self.next
     }
 
+    /// The client is now on a shared connection that speaks `protocol` (after
+    /// [`Next::Switch`]).
+    pub fn switched(&mut self, protocol: Protocol) {
+        self.protocol = protocol;
+        self.next = Next::Relay;
+    }
+
     /// Handles the complete commands in the input; `send` takes each batch for the shared
     /// connection.
     pub fn process(&mut self, mailbox: &Arc<Mailbox>, mut send: impl FnMut(Batch)) {
@@ -187,6 +210,11 @@ impl ClientCore {
                 Step::Pin(reason) => {
                     self.flush(&mut run, &mut count, mailbox, &mut send);
                     self.next = Next::Pin(reason);
+                    break;
+                }
+                Step::Switch(protocol) => {
+                    self.flush(&mut run, &mut count, mailbox, &mut send);
+                    self.next = Next::Switch(protocol);
                     break;
                 }
                 Step::Drop => {
@@ -319,6 +347,7 @@ impl ClientCore {
             input: self.cin,
             setup,
             authenticated: self.authenticated,
+            protocol: self.protocol,
         }
     }
 
@@ -371,7 +400,9 @@ impl ClientCore {
     /// * `CLIENT SETNAME`: kept here (and given to a pinned connection), `CLIENT GETNAME` answers
     ///   it; `CLIENT SETINFO` is shared (the server answers it; on Redis 7.0 with its
     ///   unknown-subcommand error) and kept for a pinned connection too;
-    /// * `HELLO` and `HELLO 2` (the shared connections speak RESP2): shared;
+    /// * `HELLO`, and `HELLO 2|3` in the protocol the client speaks: shared; `HELLO 3` from a
+    ///   RESP2 client (or `HELLO 2` from a RESP3 one) moves it to a shared connection of that
+    ///   protocol, where that `HELLO` is shared;
     /// * `QUIT`: `+OK`, then the connection closes.
     ///
     /// `PING` and `ECHO` need nothing special: they are on the allow-list.
@@ -403,10 +434,16 @@ impl ClientCore {
             return Some(Step::Quit);
         }
         if name.eq_ignore_ascii_case(b"hello") {
-            return Some(match (argc, args.next()) {
-                (1, _) => Step::Share,
-                (2, Some(b"2")) => Step::Share,
-                _ => Step::Pin(PinReason::Hello),
+            let want = match (argc, args.next()) {
+                (1, _) => return Some(Step::Share),
+                (2, Some(b"2")) => Protocol::Resp2,
+                (2, Some(b"3")) => Protocol::Resp3,
+                _ => return Some(Step::Pin(PinReason::Hello)),
+            };
+            return Some(if want == self.protocol {
+                Step::Share
+            } else {
+                Step::Switch(want)
             });
         }
         if name.eq_ignore_ascii_case(b"client") {
@@ -422,6 +459,7 @@ impl ClientCore {
             }
             if sub.eq_ignore_ascii_case(b"getname") && argc == 2 {
                 return Some(Step::Local(match &self.name {
+                    None if self.protocol == Protocol::Resp3 => Bytes::from_static(b"_\r\n"),
                     None => Bytes::from_static(NULL),
                     Some(name) => {
                         let mut reply = BytesMut::with_capacity(name.len() + 16);
@@ -446,6 +484,7 @@ impl ClientCore {
 enum Step {
     Share,
     Pin(PinReason),
+    Switch(Protocol),
     Drop,
     Local(Bytes),
     SetName(Bytes),

@@ -23,6 +23,7 @@
 //! applies here) and its reply is taken out of the stream by the FIFO.
 
 use super::Shared as MuxShared;
+use super::client::Protocol;
 use super::table::CommandTable;
 use crate::credential::{AuthCredential, CredentialWatch};
 use crate::resp::{Grammar, Scanner};
@@ -165,6 +166,7 @@ enum End {
 /// Runs shared connection number `index` until `stop`: connects, serves, reconnects.
 pub async fn run(
     index: usize,
+    protocol: Protocol,
     mux: Arc<MuxShared>,
     mut rx: mpsc::UnboundedReceiver<Batch>,
     stop: CancellationToken,
@@ -191,8 +193,23 @@ pub async fn run(
                 continue;
             }
         };
-        delay = RECONNECT_MIN;
         let mut stream = ready.stream;
+        if protocol == Protocol::Resp3
+            && let Err(e) = hello_3(&mut stream).await
+        {
+            tracing::warn!(shared = index, error = %e, "cannot switch a shared connection to RESP3");
+            let error = crate::relay::proxy_error(&format!(
+                "cannot open a shared upstream connection: {e}"
+            ));
+            fail_queued(&mut rx, &error, &mux);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => return,
+            }
+            delay = (delay * 2).min(RECONNECT_MAX);
+            continue;
+        }
+        delay = RECONNECT_MIN;
         if mux.claim_table() {
             mux.set_table(read_table(&mut stream).await);
         }
@@ -234,6 +251,19 @@ pub async fn run(
                 ));
             }
         }
+    }
+}
+
+/// `HELLO 3` on a new shared connection of the RESP3 group.
+async fn hello_3(stream: &mut UpstreamStream) -> Result<(), String> {
+    let hello = crate::resp::encode_command(&[b"HELLO", b"3"]);
+    let replies = roundtrip(stream, &[hello])
+        .await
+        .map_err(|e| e.to_string())?;
+    match replies.first() {
+        Some(r) if r.first() == Some(&b'%') => Ok(()),
+        Some(r) => Err(format!("HELLO 3: {}", error_text(r))),
+        None => Err("HELLO 3: no reply".into()),
     }
 }
 

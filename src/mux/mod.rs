@@ -18,9 +18,12 @@
 //! the replies it is owed, then is **pinned**: it gets a connection of its own (from the warm
 //! pool when there is one), in the state the shared one had (RESP2, `--database`, plus the name
 //! it set), and the 1:1 relay ([`crate::relay`]) takes it from there for the rest of its life.
-//! A client is always on the same shared connection, so its commands never overtake each other.
+//! A client stays on one shared connection, so its commands never overtake each other; it
+//! moves only when it switches protocol (`HELLO 3`: the RESP3 shared connections, N more,
+//! opened when the first client asks), and then only once nothing of its is in flight.
 
 mod client;
+pub use client::Protocol;
 mod conn;
 pub mod table;
 
@@ -74,10 +77,14 @@ struct Handle {
     clients: Arc<AtomicUsize>,
 }
 
-/// The shared connections of one upstream.
+/// The shared connections of one upstream: N speaking RESP2, and N speaking RESP3 once a
+/// client asks for it (`HELLO 3`).
 pub struct Multiplexer {
     shared: Arc<Shared>,
-    conns: Vec<Handle>,
+    n: usize,
+    resp2: Vec<Handle>,
+    resp3: std::sync::OnceLock<Vec<Handle>>,
+    stop: CancellationToken,
     database: u32,
     listen_password: Option<crate::secret::Secret>,
     connect_timeout: Duration,
@@ -116,23 +123,30 @@ impl Multiplexer {
             // Client ids count up from 1; these sit at the top of the range.
             id_base: u64::MAX - 1024,
         });
-        let conns = (0..n)
-            .map(|index| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(conn::run(index, shared.clone(), rx, stop.clone()));
-                Handle {
-                    tx,
-                    clients: Arc::new(AtomicUsize::new(0)),
-                }
-            })
-            .collect();
+        let resp2 = spawn_group(n, 0, Protocol::Resp2, &shared, &stop);
         Multiplexer {
             shared,
-            conns,
+            n,
+            resp2,
+            resp3: std::sync::OnceLock::new(),
+            stop,
             database,
             listen_password,
             connect_timeout,
         }
+    }
+
+    /// The least used shared connection of `protocol` (the RESP3 ones are started on first use).
+    fn pick(&self, protocol: Protocol) -> Option<&Handle> {
+        let group = match protocol {
+            Protocol::Resp2 => &self.resp2,
+            Protocol::Resp3 => self.resp3.get_or_init(|| {
+                spawn_group(self.n, self.n, Protocol::Resp3, &self.shared, &self.stop)
+            }),
+        };
+        group
+            .iter()
+            .min_by_key(|h| h.clients.load(Ordering::Relaxed))
     }
 
     /// Relays client `id` over a shared connection until it is pinned or leaves.
@@ -145,14 +159,10 @@ impl Multiplexer {
             None => Arc::new(CommandTable::pin_everything()),
         };
         let mut core = ClientCore::new(id, table, self.database, self.listen_password.clone());
-        let Some(handle) = self
-            .conns
-            .iter()
-            .min_by_key(|h| h.clients.load(Ordering::Relaxed))
-        else {
+        let Some(mut handle) = self.pick(Protocol::Resp2) else {
             return Outcome::Pin(client, core.handoff());
         };
-        let _on_conn = Counted::new(&handle.clients);
+        let mut _on_conn = Counted::new(handle.clients.clone());
         let metrics = &self.shared.metrics;
         metrics.mux_shared_clients.inc();
         let _shared_gauge = GaugeGuard(&metrics.mux_shared_clients);
@@ -183,7 +193,17 @@ impl Multiplexer {
                     let _ = tokio::io::AsyncWriteExt::shutdown(&mut client).await;
                     return Outcome::Ended(SessionEnd::ClientClosed);
                 }
-                Next::Pin(_) | Next::Close => {}
+                Next::Switch(protocol) if core.idle() => {
+                    // Nothing is in flight on the old connection: the new one can't overtake it.
+                    let Some(next) = self.pick(protocol) else {
+                        return Outcome::Pin(client, core.handoff());
+                    };
+                    handle = next;
+                    _on_conn = Counted::new(handle.clients.clone());
+                    core.switched(protocol);
+                    continue;
+                }
+                Next::Pin(_) | Next::Close | Next::Switch(_) => {}
             }
             let event = poll_fn(|cx| {
                 let mut progress = false;
@@ -273,19 +293,39 @@ impl Multiplexer {
 }
 
 /// Counts a client on its shared connection while it is there.
-struct Counted<'a>(&'a AtomicUsize);
+struct Counted(Arc<AtomicUsize>);
 
-impl<'a> Counted<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
+impl Counted {
+    fn new(n: Arc<AtomicUsize>) -> Self {
         n.fetch_add(1, Ordering::Relaxed);
         Counted(n)
     }
 }
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Starts `n` shared connections speaking `protocol`, numbered from `first`.
+fn spawn_group(
+    n: usize,
+    first: usize,
+    protocol: Protocol,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Vec<Handle> {
+    (first..first + n)
+        .map(|index| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(conn::run(index, protocol, shared.clone(), rx, stop.clone()));
+            Handle {
+                tx,
+                clients: Arc::new(AtomicUsize::new(0)),
+            }
+        })
+        .collect()
 }
 
 /// Decrements a gauge when dropped.

@@ -225,9 +225,24 @@ impl Core {
     // ----- what the I/O loop reads and writes -------------------------------------------
 
     /// Multiplexing: the client was shared until now (see [`crate::mux`]). `input` is what it
-    /// sent that was not handled yet; `setup` runs first (its replies are the proxy's), and
-    /// `authenticated` says it has already given `--listen-password`.
-    pub(crate) fn take_over(&mut self, input: &[u8], setup: &[Bytes], authenticated: bool) {
+    /// sent that was not handled yet; `setup` runs first (its replies are the proxy's),
+    /// `authenticated` says it has already given `--listen-password`, and `resp3` that it
+    /// speaks RESP3.
+    pub(crate) fn take_over(
+        &mut self,
+        input: &[u8],
+        setup: &[Bytes],
+        authenticated: bool,
+        resp3: bool,
+    ) {
+        if resp3 {
+            // The client said `HELLO 3` while shared: its own connection speaks RESP3 before
+            // anything else runs on it (Redis 6+ can't refuse `HELLO 3`).
+            self.to_upstream.extend_from_slice(HELLO_3);
+            self.pending.push(Owner::Proxy(ProxyCommand::Setup));
+            self.state.framing = Framing::Resp3;
+            self.pristine = false;
+        }
         for command in setup {
             self.to_upstream.extend_from_slice(command);
             self.pending.push(Owner::Proxy(ProxyCommand::Setup));

@@ -130,8 +130,14 @@ where
     }
 
     /// Multiplexing: takes over a client that was shared (see [`crate::mux`]).
-    pub(crate) fn take_over(&mut self, input: &[u8], setup: &[bytes::Bytes], authenticated: bool) {
-        self.core.take_over(input, setup, authenticated);
+    pub(crate) fn take_over(
+        &mut self,
+        input: &[u8],
+        setup: &[bytes::Bytes],
+        authenticated: bool,
+        resp3: bool,
+    ) {
+        self.core.take_over(input, setup, authenticated, resp3);
     }
 
     /// Relays until either side closes, an error, or `shutdown`.

@@ -134,7 +134,6 @@ fn what_pins_and_why() {
         (&["BLPOP", "l", "0"], PinReason::Blocking),
         (&["SELECT", "1"], PinReason::Select),
         (&["SELECT", "00"], PinReason::Select),
-        (&["HELLO", "3"], PinReason::Hello),
         (&["HELLO", "2", "SETNAME", "x"], PinReason::Hello),
         (&["CLIENT", "ID"], PinReason::Client),
         (&["CLIENT", "TRACKING", "on"], PinReason::Client),
@@ -151,6 +150,42 @@ fn what_pins_and_why() {
     let mut c = core(None);
     assert!(feed(&mut c, &mailbox, b"GET a\r\n").is_empty());
     assert_eq!(c.next(), Next::Pin(PinReason::Inline));
+}
+
+#[test]
+fn hello_3_moves_the_client_to_resp3_once_nothing_is_owed_and_is_shared_there() {
+    let (mailbox, _rx) = Mailbox::new();
+    let mut c = core(None);
+    let hello = cmd(&["HELLO", "3"]);
+    let sent = feed(
+        &mut c,
+        &mailbox,
+        &[cmd(&["GET", "a"]), hello.clone(), cmd(&["GET", "b"])].concat(),
+    );
+    assert_eq!(sent.len(), 1, "GET a only");
+    assert_eq!(c.next(), Next::Switch(Protocol::Resp3));
+    reply(&mut c, &mailbox, b"$-1\r\n", 1);
+    assert!(!c.idle(), "the reply is still to be written");
+    assert_eq!(output(&mut c), b"$-1\r\n");
+    assert!(c.idle());
+    c.switched(Protocol::Resp3);
+    let sent = feed(&mut c, &mailbox, b"");
+    assert_eq!(sent, vec![([hello, cmd(&["GET", "b"])].concat(), 2)]);
+    reply(&mut c, &mailbox, b"%1\r\n+proto\r\n:3\r\n_\r\n", 2);
+    output(&mut c);
+    // RESP3's null for a name never set; HELLO 3 again is shared; HELLO 2 moves it back.
+    feed(&mut c, &mailbox, &cmd(&["CLIENT", "GETNAME"]));
+    assert_eq!(output(&mut c), b"_\r\n");
+    assert_eq!(feed(&mut c, &mailbox, &cmd(&["HELLO", "3"])).len(), 1);
+    reply(&mut c, &mailbox, b"%1\r\n+proto\r\n:3\r\n", 1);
+    assert!(feed(&mut c, &mailbox, &cmd(&["HELLO", "2"])).is_empty());
+    assert_eq!(c.next(), Next::Switch(Protocol::Resp2));
+    // A RESP3 client pinned later keeps RESP3 on its own connection.
+    c.switched(Protocol::Resp3);
+    let mut c = core(None);
+    c.switched(Protocol::Resp3);
+    feed(&mut c, &mailbox, &cmd(&["MULTI"]));
+    assert_eq!(c.handoff().protocol, Protocol::Resp3);
 }
 
 #[test]
