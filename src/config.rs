@@ -1278,6 +1278,9 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
                 count,
             )?
             .unwrap_or(0),
+        // With --multiplex, a client that is pinned takes a ready connection: its first
+        // command then reaches the server before other clients' later ones (a connect would let
+        // them overtake it) and no SELECT runs at that moment.
         warm_connections: lookup
             .parse(
                 &clients.warm_connections,
@@ -1285,7 +1288,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
                 parse_number,
                 count,
             )?
-            .unwrap_or(0),
+            .unwrap_or(multiplex),
         control_listen: control,
         admin_listen: admin,
         shutdown_delay: lookup

@@ -189,9 +189,11 @@ async fn connect_time_chatter_of_real_clients_does_not_pin() {
         metric(admin, "redis_proxy_multiplex_clients{state=\"shared\"}").await,
         2.0
     );
-    // Two clients, two shared connections, no other upstream connection.
-    assert_eq!(metric(admin, "redis_proxy_upstream_connections").await, 2.0);
-    assert_eq!(setup.front().connections_open(), 2);
+    // Two clients, two shared connections, no other upstream connection than the warm pool's
+    // (as many as shared connections by default with --multiplex).
+    assert_eq!(metric(admin, "redis_proxy_warm_connections").await, 2.0);
+    assert_eq!(metric(admin, "redis_proxy_upstream_connections").await, 4.0);
+    assert_eq!(setup.front().connections_open(), 4);
     // A RESP3 client is shared too, on RESP3 shared connections opened for it, and keeps
     // RESP3 when it is pinned later.
     let mut resp3 = RespClient::connect(proxy.addr()).await;
@@ -539,6 +541,27 @@ async fn large_replies_stream_through_a_shared_connection_and_large_commands_pin
         assert_eq!(c.read().await, bulk(&value));
         assert_eq!(b.read().await, bulk("s"));
     }
+}
+
+#[tokio::test]
+async fn an_absurd_declared_length_is_refused_as_redis_refuses_it() {
+    // Straight to Redis (access key): Redis's own refusal and close, relayed.
+    let setup = Setup::access_key().await;
+    let proxy = setup
+        .start_proxy_with(&["--multiplex", "1", "--cluster", "off"], &[])
+        .await;
+    let mut c = RespClient::connect(proxy.addr()).await;
+    assert_eq!(c.cmd(&["PING"]).await, Value::simple("PONG"));
+    c.send_raw(b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$2000000000\r\n")
+        .await;
+    assert_eq!(
+        c.read().await,
+        Value::Error("ERR Protocol error: invalid bulk length".into())
+    );
+    assert!(matches!(
+        c.try_read(Duration::from_secs(5)).await,
+        Err(support::resp::ReadError::Closed)
+    ));
 }
 
 #[tokio::test]

@@ -189,7 +189,12 @@ impl ClientCore {
             let frame = match scanned {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
-                    if self.cin.len() - run > MAX_SHARED_COMMAND {
+                    // Too large to share, by what arrived or by what an argument declares (the
+                    // 1:1 relay judges a declared length as Redis does, at once).
+                    if self.cin.len() - run > MAX_SHARED_COMMAND
+                        || self.requests.bulk_pending() > MAX_SHARED_COMMAND as u64
+                    {
+                        self.flush(&mut run, &mut count, mailbox, &mut send);
                         self.next = Next::Pin(PinReason::LargeCommand);
                     }
                     break;

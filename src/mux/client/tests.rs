@@ -265,6 +265,23 @@ fn a_command_too_large_to_share_pins_with_its_bytes_kept() {
 }
 
 #[test]
+fn a_declared_length_too_large_to_share_pins_at_once() {
+    let (mailbox, _rx) = Mailbox::new();
+    let mut c = core(None);
+    let head = b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$2000000000\r\n";
+    let sent = feed(&mut c, &mailbox, &[cmd(&["PING"]), head.to_vec()].concat());
+    assert_eq!(
+        sent,
+        vec![(cmd(&["PING"]), 1)],
+        "what came before is still shared"
+    );
+    assert_eq!(c.next(), Next::Pin(PinReason::LargeCommand));
+    reply(&mut c, &mailbox, b"+PONG\r\n", 1);
+    output(&mut c);
+    assert_eq!(&c.handoff().input[..], &head[..]);
+}
+
+#[test]
 fn failed_commands_get_one_error_each_in_order() {
     let (mailbox, _rx) = Mailbox::new();
     let mut c = core(None);
