@@ -17,8 +17,18 @@
 #       deleted when the token expires -- so a connection the proxy fails to re-authenticate in
 #       time is closed by Redis, as Azure closes it. The whole suite runs under continuous
 #       re-authentication.
+#   PROXY_MULTIPLEX=N REDIS_GIT=... scripts/redis-suite.sh   (either PROXY_MODE)
+#       multiplexed mode: the proxy runs with --multiplex N --cluster off, so the suite's clients
+#       start on N shared upstream connections and each is pinned to a connection of its own
+#       before its first command off the allow-list (src/mux/table.rs). Also --database 9
+#       (PROXY_DATABASE): every client of the suite starts with SELECT 9 (0 with SINGLEDB=1),
+#       which the proxy answers only for its own --database; any other database would pin every
+#       client at its first command, and the shared path would go untested. Tests that observe
+#       the sharing itself are allowed by the entries of expected.txt tagged [multiplex]. The
+#       figures of the multiplexer (pins by reason, shared connections...) end the report.
 #   PROXY_CMD=stunnel|haproxy|'<command with placeholders>' overrides the proxy (the stand-ins
-#       validate the instrument; see ../shared/redis-suite/README.md).
+#       validate the instrument; see ../shared/redis-suite/README.md). With a command of your
+#       own, PROXY_MULTIPLEX adds nothing to it but still selects the [multiplex] entries.
 #
 # PROXY_CMD placeholders: {LISTEN} (127.0.0.1:PORT), {LISTEN_PORT},
 # {UPSTREAM_HOST}, {UPSTREAM_PORT}, {UPSTREAM} (host:port), {TLS_NAME}, {CA_FILE}, {USER},
@@ -27,6 +37,10 @@
 # Settings (environment, defaults shown):
 #   REDIS_GIT            required: git dir holding tag 7.0.15 of github:redis/redis
 #   PROXY_MODE=access-key  or entra
+#   PROXY_MULTIPLEX=     unset or 0: the 1:1 relay (no --multiplex); N > 0: --multiplex N
+#                        --cluster off, and expected.txt's [multiplex] entries apply
+#   PROXY_DATABASE=      multiplexed mode: the proxy's --database (default 9, the suite's own;
+#                        0 with SINGLEDB=1); ignored without PROXY_MULTIPLEX
 #   PROXY_BIN=target/release/redis-entra-proxy   the binary under test
 #   TOKEN_LIFETIME=15    Entra mode: seconds a token lives
 #   UNITS="..."          test units to run (names as in runtest --single, without "unit/");
@@ -64,7 +78,14 @@ TAGS=${TAGS--slow}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 PROXY_MODE=${PROXY_MODE:-access-key}
 TOKEN_LIFETIME=${TOKEN_LIFETIME:-15}
-PROXY_NAME=${PROXY_NAME:-redis-entra-proxy ($PROXY_MODE)}
+PROXY_MULTIPLEX=${PROXY_MULTIPLEX:-0}
+[[ $PROXY_MULTIPLEX =~ ^[0-9]+$ ]] || { echo "redis-suite.sh: PROXY_MULTIPLEX must be a number" >&2; exit 2; }
+PROXY_MULTIPLEX=$((10#$PROXY_MULTIPLEX))
+if ((PROXY_MULTIPLEX > 0)); then
+    PROXY_NAME=${PROXY_NAME:-redis-entra-proxy ($PROXY_MODE, multiplex $PROXY_MULTIPLEX)}
+else
+    PROXY_NAME=${PROXY_NAME:-redis-entra-proxy ($PROXY_MODE)}
+fi
 REDIS_TAG=7.0.15
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,7 +94,9 @@ LIB="$HERE/redis-suite/lib.py"
 EXPECTED="$HERE/redis-suite/expected.txt"
 ISSUER="$TOP/bench/token_issuer.py"
 PROXY_BIN=${PROXY_BIN:-$TOP/target/release/redis-entra-proxy}
+# the tags of expected.txt that apply (lib.py read_expected): the mode, and multiplex
 export SUITE_MODE=$PROXY_MODE
+export SUITE_TAGS="$PROXY_MODE$( ((PROXY_MULTIPLEX > 0)) && echo ' multiplex')"
 case $PROXY_MODE in
     access-key) DEFAULT_PROXY_CMD="$PROXY_BIN --listen {LISTEN} --upstream {UPSTREAM} \
         --tls-server-name {TLS_NAME} --ca-file {CA_FILE} --auth access-key \
@@ -83,6 +106,11 @@ case $PROXY_MODE in
         --credential managed-identity --admin-listen {ADMIN_LISTEN} --shutdown-grace 1s" ;;
     *) echo "redis-suite.sh: PROXY_MODE must be access-key or entra" >&2; exit 2 ;;
 esac
+if ((PROXY_MULTIPLEX > 0)); then
+    # the suite SELECTs 9 on every client it opens (0 with --singledb): the proxy's database
+    PROXY_DATABASE=${PROXY_DATABASE:-$( [[ ${SINGLEDB:-0} == 1 ]] && echo 0 || echo 9)}
+    DEFAULT_PROXY_CMD+=" --multiplex $PROXY_MULTIPLEX --cluster off --database $PROXY_DATABASE"
+fi
 PROXY_CMD=${PROXY_CMD:-$DEFAULT_PROXY_CMD}
 HOST=127.0.0.1
 TLS_NAME=localhost
@@ -103,6 +131,8 @@ server_version=$(redis-server --version | sed -n 's/.* v=\([0-9.]*\).*/\1/p')
     log "warning: redis-server is $server_version, the tests are from $REDIS_TAG"
 
 case $PROXY_CMD in
+    stunnel|haproxy) ((PROXY_MULTIPLEX == 0)) ||
+        die "PROXY_MULTIPLEX is for the proxy, not for the $PROXY_CMD stand-in" ;;&
     stunnel) MODE=stunnel; PROXY_NAME=stunnel; command -v stunnel >/dev/null ||
         die "stand-in mode needs stunnel (apt-get install -y stunnel4)" ;;
     haproxy) MODE=haproxy; PROXY_NAME=haproxy; command -v haproxy >/dev/null ||
@@ -334,6 +364,7 @@ run_unit() {
     echo "tclsh: $(echo 'puts [info patchlevel]' | tclsh)"
     echo "mode: $MODE ($PROXY_NAME)$([[ $MODE != proxy ]] && echo ', upstream without requirepass')"
     if [[ $MODE == proxy ]]; then echo "proxy command: $PROXY_CMD"; fi
+    if [[ $MODE == proxy ]] && ((PROXY_MULTIPLEX > 0)); then echo "multiplex: $PROXY_MULTIPLEX shared upstream connections, database ${PROXY_DATABASE:-?}; expected.txt tags applied: $SUITE_TAGS"; fi
     if [[ $MODE == proxy && $PROXY_MODE == entra ]]; then echo "entra: tokens live ${TOKEN_LIFETIME}s, one ACL user each, deleted at expiry"; fi
     if [[ $MODE == stunnel ]]; then echo "stunnel: $(stunnel -version 2>&1 | grep -m1 '^stunnel')"; fi
     if [[ $MODE == haproxy ]]; then echo "haproxy: $(haproxy -v | head -1)"; fi
@@ -386,6 +417,11 @@ fi
 if [[ $MODE == proxy && $PROXY_MODE == entra ]]; then
     echo
     echo "tokens served: $(wc -l <"$WORK/tokens.log"); re-authentications: $(python3 "$LIB" metric "$HOST:$PORT_ADMIN" 'redis_proxy_reauth_total{result="success"}'), failed: $(python3 "$LIB" metric "$HOST:$PORT_ADMIN" 'redis_proxy_reauth_total{result="failure"}')"
+fi
+if [[ $MODE == proxy ]] && ((PROXY_MULTIPLEX > 0)); then
+    echo
+    echo "multiplexer (the proxy's /metrics at the end of the run):"
+    python3 "$LIB" metrics "$HOST:$PORT_ADMIN" redis_proxy_multiplex_ | grep -v '_bucket{' | sed 's/^/  /'
 fi
 echo
 echo "wall time: ${SECONDS}s; results in $OUT"

@@ -14,9 +14,14 @@
                                   every regression is in the allow-list EXPECTED, else 1
   retry-units OUT_DIR             print the units that have regressions (one per line)
   metric HOST:PORT NAME           print one sample of the proxy's /metrics (0 if absent)
+  metrics HOST:PORT PREFIX        print every sample of the proxy's /metrics whose name starts
+                                  with PREFIX (nothing if none)
 
 The allow-list EXPECTED may tag an entry with the proxy modes it applies to: "[entra] <test
-id>  # reason" holds only when SUITE_MODE is entra (the environment of redis-suite.sh).
+id>  # reason" holds only when the run's tags include entra, "[multiplex] ..." only in the
+multiplexed mode, "[entra,multiplex] ..." only when both hold. The run's tags are SUITE_TAGS
+(space separated; redis-suite.sh sets it to PROXY_MODE, plus "multiplex" with PROXY_MULTIPLEX),
+else SUITE_MODE alone.
 
 Test identity is "unit/<file>: <test title>"; a title repeated inside one unit gets " [#2]",
 " [#3]"... in order of appearance. Each unit also gets a synthetic row
@@ -227,7 +232,8 @@ def read_tsv(path):
 
 def read_expected(path):
     import os
-    mode = os.environ.get("SUITE_MODE", "access-key")
+    tags_on = set(os.environ.get("SUITE_TAGS", "").split()) or \
+        {os.environ.get("SUITE_MODE", "access-key")}
     names = set()
     try:
         with open(path, encoding="utf-8") as f:
@@ -235,10 +241,10 @@ def read_expected(path):
                 line = line.rstrip("\n")
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
-                # "[mode] " restricts an entry to one proxy mode
-                tag = re.match(r"^\[([a-z-]+)\]\s+", line)
+                # "[tag] " / "[tag,tag] " restricts an entry to runs with all of those tags
+                tag = re.match(r"^\[([a-z-]+(?:,[a-z-]+)*)\]\s+", line)
                 if tag:
-                    if tag.group(1) != mode:
+                    if not set(tag.group(1).split(",")) <= tags_on:
                         continue
                     line = line[tag.end():]
                 # "<test id>    # reason": the reason is after two or more spaces and '#'
@@ -348,6 +354,18 @@ def cmd_metric(addr, name):
     return 0
 
 
+def cmd_metrics(addr, prefix):
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(prefix):
+                    print(line)
+    except OSError as e:
+        print(f"(no /metrics: {e})")
+    return 0
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "freeport":
@@ -364,6 +382,8 @@ def main():
         cmd_retry_units(args[0])
     elif cmd == "metric":
         sys.exit(cmd_metric(args[0], args[1]))
+    elif cmd == "metrics":
+        sys.exit(cmd_metrics(args[0], args[1]))
     else:
         sys.exit(f"unknown command {cmd}")
 
