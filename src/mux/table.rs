@@ -14,12 +14,13 @@
 //! 2. A few commands without those flags are stateless too and shared by name
 //!    ([`SHARED_BY_NAME`]): `PING`, `ECHO`, `TIME`, `INFO`, `LASTSAVE`, `PUBLISH`, `SPUBLISH`,
 //!    the `PUBSUB` and `COMMAND` introspection, scripts and functions (`EVAL*`, `FCALL*`,
-//!    `SCRIPT LOAD|EXISTS|FLUSH|KILL`, `FUNCTION` but `FUNCTION RESTORE`/`FLUSH` stay pinned
-//!    through their `write`+`noscript` flags), `MEMORY USAGE|STATS|DOCTOR`, `LOLWUT`.
+//!    `SCRIPT LOAD|EXISTS|FLUSH`, `FUNCTION LOAD|LIST|DUMP|STATS|DELETE`), `MEMORY
+//!    USAGE|STATS|DOCTOR`, `LOLWUT`.
 //! 3. A few commands act on the connection whatever their flags say and always pin
 //!    ([`PINNED_BY_NAME`]): `SELECT`, the transaction commands, `WAIT`/`WAITAOF`, `READONLY`,
-//!    `READWRITE`, `ASKING`, `RESET`, `MONITOR`, `SYNC`/`PSYNC`/`REPLCONF`; and every `CLIENT`
-//!    subcommand. (`MOVE` and `SWAPDB` name their databases explicitly and are shared.)
+//!    `READWRITE`, `ASKING`, `RESET`, `MONITOR`, `SYNC`/`PSYNC`/`REPLCONF`, `SCRIPT KILL` and
+//!    `FUNCTION KILL` (they must reach a server that a script keeps busy, and the shared
+//!    connection may be the one waiting for that script); and every `CLIENT` subcommand. (`MOVE` and `SWAPDB` name their databases explicitly and are shared.)
 //! 4. Everything else pins: transactions, `SELECT` of another database, the subscribe family,
 //!    `MONITOR`, blocking commands, `CLIENT` subcommands, `HELLO` with another protocol,
 //!    `READONLY`/`READWRITE`/`ASKING`, `RESET`, `SYNC`/`PSYNC`, commands the table does not
@@ -63,13 +64,11 @@ const SHARED_BY_NAME: &[&str] = &[
     "script|load",
     "script|exists",
     "script|flush",
-    "script|kill",
     "function|load",
     "function|list",
     "function|dump",
     "function|stats",
     "function|delete",
-    "function|kill",
     "memory|usage",
     "memory|stats",
     "memory|doctor",
@@ -92,6 +91,10 @@ const PINNED_BY_NAME: &[(&str, PinReason)] = &[
     ("asking", PinReason::Cluster),
     ("reset", PinReason::Reset),
     ("monitor", PinReason::Monitor),
+    // They must reach the server while a script keeps it busy, and a shared connection may
+    // be the one waiting for that script.
+    ("script|kill", PinReason::Admin),
+    ("function|kill", PinReason::Admin),
     ("sync", PinReason::Replication),
     ("psync", PinReason::Replication),
     ("replconf", PinReason::Replication),
@@ -444,6 +447,14 @@ mod tests {
                 &[],
                 vec![entry("object|encoding", &["readonly"], vec![])],
             ),
+            entry(
+                "script",
+                &[],
+                vec![
+                    entry("script|load", &["noscript", "stale"], vec![]),
+                    entry("script|kill", &["noscript", "allow_busy"], vec![]),
+                ],
+            ),
         ]);
         assert!(t.commands() > 10);
         let share = Decision::Share;
@@ -473,6 +484,8 @@ mod tests {
             Decision::Pin(PinReason::Other)
         );
         assert_eq!(t.decide(b"object", None), Decision::Pin(PinReason::Other));
+        assert_eq!(t.decide(b"SCRIPT", Some(b"load")), share);
+        assert_eq!(t.decide(b"script", Some(b"KILL")), Decision::Pin(PinReason::Admin));
         assert_eq!(
             t.decide(b"nosuchcommand", None),
             Decision::Pin(PinReason::Other)
