@@ -485,7 +485,10 @@ mod tests {
         );
         assert_eq!(t.decide(b"object", None), Decision::Pin(PinReason::Other));
         assert_eq!(t.decide(b"SCRIPT", Some(b"load")), share);
-        assert_eq!(t.decide(b"script", Some(b"KILL")), Decision::Pin(PinReason::Admin));
+        assert_eq!(
+            t.decide(b"script", Some(b"KILL")),
+            Decision::Pin(PinReason::Admin)
+        );
         assert_eq!(
             t.decide(b"nosuchcommand", None),
             Decision::Pin(PinReason::Other)
