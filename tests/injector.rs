@@ -475,7 +475,7 @@ fn every_golden_pod_is_a_complete_v1_pod() {
         assert!(pod["spec"]["containers"].is_array(), "{}", path.display());
         seen += 1;
     }
-    assert_eq!(seen, 7);
+    assert_eq!(seen, 8);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1153,4 +1153,156 @@ fn app_ports_inside_the_cluster_range_are_refused() {
     for response in allowed {
         assert_eq!(response["allowed"], true, "{response}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multiplexing: `multiplex` (the proxy refuses it unless the cluster mode is off).
+// ---------------------------------------------------------------------------------------------
+
+/// The answer for the `plain` fixture's pod with `annotations` added, reviewed with
+/// `defaults`, and when allowed the sidecar's env entries named `REDIS_PROXY_CLUSTER*` or
+/// `REDIS_PROXY_MULTIPLEX`, as (name, value).
+fn mux_answer(annotations: &[(&str, &str)], ports: &[u16], defaults: &Options) -> (Value, Env) {
+    let mut pod = review_json("plain")["request"]["object"].clone();
+    for (name, value) in annotations {
+        pod["metadata"]["annotations"][format!("redis-entra-proxy.io/{name}")] = json!(value);
+    }
+    if !ports.is_empty() {
+        let ports: Vec<Value> = ports.iter().map(|p| json!({"containerPort": p})).collect();
+        pod["spec"]["containers"][0]["ports"] = json!(ports);
+    }
+    let (response, _) = review::answer(&review_of(&pod, "plain"), defaults).expect("answered");
+    let response = response["response"].clone();
+    if response["allowed"] != true {
+        return (response, Vec::new());
+    }
+    let patched = applied(&pod, &patch_of(&response));
+    let env = sidecars(&patched)[0]["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let env = env
+        .iter()
+        .filter_map(|e| {
+            let name = e["name"].as_str()?;
+            (name.starts_with("REDIS_PROXY_CLUSTER") || name == "REDIS_PROXY_MULTIPLEX").then(
+                || {
+                    (
+                        name.to_string(),
+                        e["value"].as_str().unwrap_or("").to_string(),
+                    )
+                },
+            )
+        })
+        .collect();
+    (response, env)
+}
+
+/// Env entries as (name, value).
+type Env = Vec<(String, String)>;
+
+fn pairs(list: &[(&str, &str)]) -> Env {
+    list.iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn the_multiplex_annotation_becomes_the_sidecars_env_with_the_cluster_mode_off() {
+    let pod = inject("multiplex", &chart_defaults());
+    assert_eq!(
+        sidecars(&pod)[0]["env"],
+        json!([
+            {"name": "REDIS_PROXY_CLUSTER", "value": "off"},
+            {"name": "REDIS_PROXY_MULTIPLEX", "value": "4"}
+        ])
+    );
+    // 0 (off) passes nothing, as does no annotation; 64 is the most; an explicit off stays.
+    let off_with = |n: &str| pairs(&[("REDIS_PROXY_CLUSTER", "off"), ("REDIS_PROXY_MULTIPLEX", n)]);
+    let cases: &[(&[(&str, &str)], Env)] = &[
+        (&[("multiplex", "0")], pairs(&[])),
+        (&[], pairs(&[])),
+        (&[("multiplex", "64")], off_with("64")),
+        (&[("multiplex", "1"), ("cluster", "off")], off_with("1")),
+        (
+            &[("multiplex", "0"), ("cluster", "on")],
+            pairs(&[("REDIS_PROXY_CLUSTER", "on")]),
+        ),
+    ];
+    for (annotations, expected) in cases {
+        let (response, env) = mux_answer(annotations, &[], &chart_defaults());
+        assert_eq!(response["allowed"], true, "{annotations:?}: {response}");
+        assert_eq!(env, *expected, "{annotations:?}");
+    }
+    // The cluster mode it turns off binds no cluster-node ports: an app port in the default
+    // range, or in a cluster-ports range, is no conflict.
+    for annotations in [
+        &[("multiplex", "4")][..],
+        &[("multiplex", "4"), ("cluster-ports", "7000-7099")][..],
+    ] {
+        let (response, _) = mux_answer(annotations, &[6400, 7000], &chart_defaults());
+        assert_eq!(response["allowed"], true, "{annotations:?}: {response}");
+    }
+    // The chart's defaults file carries the same field, and a pod's 0 turns it off.
+    let defaults =
+        Options::from_defaults_json(r#"{"upstream": "c:6380", "multiplex": 8}"#).expect("valid");
+    assert_eq!(defaults.multiplex, Some(8));
+    assert_eq!(defaults.cluster_mode(), Some("off"));
+    assert_eq!(mux_answer(&[], &[], &defaults).1, off_with("8"));
+    assert_eq!(
+        mux_answer(&[("multiplex", "0")], &[], &defaults).1,
+        pairs(&[])
+    );
+    let error = Options::from_defaults_json(r#"{"multiplex": 65}"#).expect_err("65");
+    assert!(error.starts_with("field \"multiplex\": \"65\""), "{error}");
+}
+
+#[test]
+fn bad_multiplex_annotations_are_refused_with_the_annotation_and_what_is_expected() {
+    for value in ["65", "-1", "four", "1.5", "256"] {
+        assert_refused(
+            &mux_answer(&[("multiplex", value)], &[], &chart_defaults()).0,
+            &format!(
+                "redis-entra-proxy.io/multiplex: {value:?} is not a number of shared upstream \
+                 connections (0 = off, up to 64)"
+            ),
+        );
+    }
+}
+
+#[test]
+fn multiplex_with_the_cluster_mode_on_or_auto_is_refused_naming_both_annotations() {
+    for cluster in ["on", "auto"] {
+        let annotations = [("multiplex", "4"), ("cluster", cluster)];
+        let (response, _) = mux_answer(&annotations, &[], &chart_defaults());
+        assert_refused(
+            &response,
+            &format!(
+                "redis-entra-proxy.io/multiplex: \"4\" needs the cluster mode off, but \
+                 redis-entra-proxy.io/cluster is \"{cluster}\""
+            ),
+        );
+        let message = response["status"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("set redis-entra-proxy.io/cluster to off"),
+            "{message}"
+        );
+    }
+    // The chart's cluster default counts as set too: the pod must say off.
+    let defaults =
+        Options::from_defaults_json(r#"{"upstream": "c:6380", "cluster": "auto"}"#).expect("valid");
+    assert_refused(
+        &mux_answer(&[("multiplex", "2")], &[], &defaults).0,
+        "redis-entra-proxy.io/multiplex: \"2\" needs the cluster mode off, but \
+         redis-entra-proxy.io/cluster is \"auto\"",
+    );
+    let (response, env) = mux_answer(&[("multiplex", "2"), ("cluster", "off")], &[], &defaults);
+    assert_eq!(response["allowed"], true, "{response}");
+    assert_eq!(
+        env,
+        pairs(&[
+            ("REDIS_PROXY_CLUSTER", "off"),
+            ("REDIS_PROXY_MULTIPLEX", "2")
+        ])
+    );
 }

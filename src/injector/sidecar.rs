@@ -106,6 +106,9 @@ pub struct Options {
     pub cluster_ports: Option<(u16, u16)>,
     /// `REDIS_PROXY_CLUSTER_MAX_NODES` (1..=1000), when set.
     pub cluster_max_nodes: Option<u16>,
+    /// `REDIS_PROXY_MULTIPLEX` (0..=64, 0 = off), when set; passed only when above 0, and
+    /// then with `REDIS_PROXY_CLUSTER=off` unless `cluster` is set ([`Options::cluster_mode`]).
+    pub multiplex: Option<u8>,
     /// The admin port: `--admin-listen 0.0.0.0:PORT`, the container port and the probes'.
     pub admin_port: u16,
     /// `--log-format`.
@@ -134,6 +137,7 @@ pub struct DefaultsFile {
     cluster: Option<Scalar>,
     cluster_ports: Option<Scalar>,
     cluster_max_nodes: Option<Scalar>,
+    multiplex: Option<Scalar>,
     admin_port: Option<Scalar>,
     log_format: Option<Scalar>,
     image: Option<Scalar>,
@@ -239,6 +243,11 @@ const FIELDS: &[Field] = &[
         set: set_cluster_max_nodes,
     },
     Field {
+        annotation: "multiplex",
+        file_field: "multiplex",
+        set: set_multiplex,
+    },
+    Field {
         annotation: "admin-port",
         file_field: "adminPort",
         set: set_admin_port,
@@ -296,6 +305,7 @@ impl Default for Options {
             cluster: None,
             cluster_ports: None,
             cluster_max_nodes: None,
+            multiplex: None,
             admin_port: 9090,
             log_format: "json".into(),
             image: DEFAULT_IMAGE.into(),
@@ -326,6 +336,7 @@ impl Options {
             &file.cluster,
             &file.cluster_ports,
             &file.cluster_max_nodes,
+            &file.multiplex,
             &file.admin_port,
             &file.log_format,
             &file.image,
@@ -393,6 +404,16 @@ impl Options {
                 "{PREFIX}listen: {:?} uses the admin port {} or the control port next to it: \
                  set {PREFIX}admin-port or {PREFIX}listen to another port",
                 self.listen, self.admin_port
+            ));
+        }
+        if let Some(multiplex) = self.multiplex.filter(|n| *n > 0)
+            && let Some(cluster) = self.cluster.as_deref().filter(|mode| *mode != "off")
+        {
+            return Err(format!(
+                "{PREFIX}multiplex: \"{multiplex}\" needs the cluster mode off, but \
+                 {PREFIX}cluster is {cluster:?} (the proxy refuses --multiplex with --cluster \
+                 {cluster}: the cluster mode relays every client 1:1): set {PREFIX}cluster to \
+                 off (or leave it unset: multiplex then sets it off), or {PREFIX}multiplex to 0"
             ));
         }
         if let Some((start, end)) = self.checked_cluster_ports()? {
@@ -507,7 +528,7 @@ impl Options {
                 "secretKeyRef": {"name": secret.name, "key": secret.key}
             }}));
         }
-        if let Some(cluster) = &self.cluster {
+        if let Some(cluster) = self.cluster_mode() {
             env.push(json!({"name": "REDIS_PROXY_CLUSTER", "value": cluster}));
         }
         if let Some((start, end)) = self.cluster_ports {
@@ -519,6 +540,9 @@ impl Options {
             env.push(
                 json!({"name": "REDIS_PROXY_CLUSTER_MAX_NODES", "value": max_nodes.to_string()}),
             );
+        }
+        if let Some(multiplex) = self.multiplex.filter(|n| *n > 0) {
+            env.push(json!({"name": "REDIS_PROXY_MULTIPLEX", "value": multiplex.to_string()}));
         }
         if !env.is_empty() {
             extend(&mut container, json!({ "env": env }));
@@ -580,7 +604,8 @@ impl Options {
 
     /// The cluster-node ports the sidecar may bind, to compare with the app's and its own:
     /// checked only when the pod asks for cluster mode (`cluster: on`) or names the range
-    /// (`cluster-ports`), and never with `cluster: off`. With `auto` and no range, the proxy
+    /// (`cluster-ports`), and never with `cluster: off` (nor with `multiplex` above 0 and no
+    /// `cluster`: [`Options::cluster_mode`] is then `off`). With `auto` and no range, the proxy
     /// binds them only if the cache is a cluster, so existing pods are not refused for a port
     /// they may never share. The range is the annotation's, else the `cluster-max-nodes`
     /// (default 100) ports right after the listen port, as the proxy computes it.
@@ -588,15 +613,28 @@ impl Options {
         self.checked_cluster_ports().ok().flatten()
     }
 
+    /// The sidecar's `REDIS_PROXY_CLUSTER`: `cluster` when set, else `off` when `multiplex` is
+    /// above 0 (the proxy refuses `--multiplex` with any other cluster mode, and its default is
+    /// `auto`), else none (the proxy's default). [`Options::check`] refuses `multiplex` above 0
+    /// with `cluster` set to `on` or `auto`.
+    pub fn cluster_mode(&self) -> Option<&str> {
+        match (&self.cluster, self.multiplex) {
+            (Some(cluster), _) => Some(cluster),
+            (None, Some(n)) if n > 0 => Some("off"),
+            (None, _) => None,
+        }
+    }
+
     /// [`Options::cluster_range`], with an error when `cluster: on` derives a range past 65535.
     fn checked_cluster_ports(&self) -> Result<Option<(u16, u16)>, String> {
-        if self.cluster.as_deref() == Some("off") {
+        let cluster = self.cluster_mode();
+        if cluster == Some("off") {
             return Ok(None);
         }
         if let Some(range) = self.cluster_ports {
             return Ok(Some(range));
         }
-        if self.cluster.as_deref() != Some("on") {
+        if cluster != Some("on") {
             return Ok(None);
         }
         let Some(listen) = listen_port(&self.listen) else {
@@ -858,6 +896,17 @@ fn set_cluster_max_nodes(options: &mut Options, value: &str) -> Result<(), Strin
             .ok()
             .filter(|n| (1..=1000).contains(n))
             .ok_or("is not a number of cluster nodes (1..=1000)")?,
+    );
+    Ok(())
+}
+
+fn set_multiplex(options: &mut Options, value: &str) -> Result<(), String> {
+    options.multiplex = Some(
+        value
+            .parse::<u8>()
+            .ok()
+            .filter(|n| *n <= 64)
+            .ok_or("is not a number of shared upstream connections (0 = off, up to 64)")?,
     );
     Ok(())
 }
