@@ -20,6 +20,7 @@ VALUE_IDS = ["default", *(p.name for p in CI_VALUES)]
 
 DEFAULTS_FIELDS = {"image", "imagePullPolicy", "upstream", "clientId", "listen", "auth",
                    "accessKeySecret", "listenPasswordSecret", "database", "maxConnections",
+                   "cluster", "clusterPorts", "clusterMaxNodes", "multiplex",
                    "adminPort", "logFormat", "resources"}
 
 GATEWAY = {"mode": "gateway",
@@ -258,6 +259,10 @@ def test_defaults_file_content():
     assert data["database"] == 3 and isinstance(data["database"], int)
     assert data["adminPort"] == 9191
     assert data["image"] == "x/y:1" and data["imagePullPolicy"] == "Always"
+    data = defaults_json(render({"injector": {"defaults": {"multiplex": 4, "cluster": "off"}}}))
+    assert data["multiplex"] == 4 and isinstance(data["multiplex"], int)
+    assert data["cluster"] == "off"
+    assert defaults_json(render({"injector": {"defaults": {"multiplex": 0}}}))["multiplex"] == 0
 
 
 def test_defaults_checksum_rolls_the_injector():
@@ -463,6 +468,9 @@ def test_gateway_notes():
     ({"gateway": {"port": 0}}, "/gateway/port"),
     ({"gateway": {"maxConnections": -1}}, "/gateway/maxConnections"),
     ({"injector": {"defaults": {"maxConnections": "many"}}}, "/injector/defaults/maxConnections"),
+    ({"injector": {"defaults": {"multiplex": 65}}}, "/injector/defaults/multiplex"),
+    ({"injector": {"defaults": {"multiplex": -1}}}, "/injector/defaults/multiplex"),
+    ({"injector": {"defaults": {"multiplex": "four"}}}, "/injector/defaults/multiplex"),
     ({"gateway": {"auth": "password"}}, "/gateway/auth"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"typo": True}, "at ''"),

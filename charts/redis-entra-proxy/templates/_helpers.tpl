@@ -94,7 +94,7 @@ so is the checksum annotation computed from it.
 {{- $_ := set $out $key . }}
 {{- end }}
 {{- end }}
-{{- range $key := list "database" "maxConnections" "clusterMaxNodes" "adminPort" }}
+{{- range $key := list "database" "maxConnections" "clusterMaxNodes" "multiplex" "adminPort" }}
 {{- if not (kindIs "invalid" (index $d $key)) }}
 {{- $_ := set $out $key (int (index $d $key)) }}
 {{- end }}
