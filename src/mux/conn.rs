@@ -211,7 +211,21 @@ pub async fn run(
         }
         delay = RECONNECT_MIN;
         if mux.claim_table() {
-            mux.set_table(read_table(&mut stream).await);
+            match read_table(&mut stream).await {
+                Ok(table) => mux.set_table(table),
+                Err(e) => {
+                    // Not the server's answer (that one is kept, even a refusal): ask again on
+                    // the next connection.
+                    tracing::warn!(shared = index, error = %e, "multiplex: reading COMMAND failed; asking again");
+                    mux.unclaim_table();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(RECONNECT_MAX);
+                    continue;
+                }
+            }
         }
         mux.metrics.mux_shared_connections.inc();
         mux.metrics.upstream_connections.inc();
@@ -228,6 +242,7 @@ pub async fn run(
             unwritten_commands: 0,
             mux: mux.clone(),
             metrics_id: mux.metrics_id(index),
+            credentials: mux.connector.credentials.subscribe(),
         };
         conn.record_expiry();
         let end = conn.serve(&mut rx, &stop).await;
@@ -268,27 +283,27 @@ async fn hello_3(stream: &mut UpstreamStream) -> Result<(), String> {
 }
 
 /// `COMMAND`, read once by the first shared connection: the allow-list.
-async fn read_table(stream: &mut UpstreamStream) -> CommandTable {
+/// `Err` when the connection failed before the server answered.
+async fn read_table(stream: &mut UpstreamStream) -> Result<CommandTable, String> {
     let command = crate::resp::encode_command(&[b"COMMAND"]);
     match roundtrip(stream, &[command]).await {
-        Ok(replies) => match replies
-            .first()
-            .and_then(|r| CommandTable::from_command_reply(r))
-        {
-            Some(table) => {
-                tracing::info!(commands = table.commands(), "multiplex: command table read");
-                table
-            }
-            None => {
-                let why = replies.first().map(|r| error_text(r)).unwrap_or_default();
-                tracing::warn!(reply = %why, "multiplex: COMMAND gave no table; every client gets a connection of its own");
-                CommandTable::pin_everything()
-            }
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "multiplex: COMMAND failed; every client gets a connection of its own");
-            CommandTable::pin_everything()
-        }
+        Ok(replies) => Ok(
+            match replies
+                .first()
+                .and_then(|r| CommandTable::from_command_reply(r))
+            {
+                Some(table) => {
+                    tracing::info!(commands = table.commands(), "multiplex: command table read");
+                    table
+                }
+                None => {
+                    let why = replies.first().map(|r| error_text(r)).unwrap_or_default();
+                    tracing::warn!(reply = %why, "multiplex: COMMAND gave no table; every client gets a connection of its own");
+                    CommandTable::pin_everything()
+                }
+            },
+        ),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -317,6 +332,8 @@ struct Conn {
     mux: Arc<MuxShared>,
     /// This connection's key in the re-auth deadline gauge.
     metrics_id: u64,
+    /// The published credentials, looked at (never waited on) when an `AUTH` completes.
+    credentials: CredentialWatch,
 }
 
 impl Conn {
@@ -546,6 +563,9 @@ impl Conn {
             metrics.reauth_seconds.observe(sent.elapsed().as_secs_f64());
             self.credential = Some(credential);
             self.record_expiry();
+            // A credential published while this one was in flight is sent now.
+            let credentials = self.credentials.clone();
+            self.maybe_reauth(&credentials);
         } else {
             metrics.reauth_failure.inc();
             // Never the credential: the server's error text only.

@@ -62,6 +62,11 @@ impl Shared {
         !self.table_claimed.swap(true, Ordering::Relaxed)
     }
 
+    /// The connection that claimed the table lost its connection before the answer.
+    fn unclaim_table(&self) {
+        self.table_claimed.store(false, Ordering::Relaxed);
+    }
+
     fn set_table(&self, table: CommandTable) {
         self.table.send_replace(Some(Arc::new(table)));
     }
