@@ -162,7 +162,7 @@ pub struct Config {
     /// Upstream connections kept connected and authenticated ahead of demand.
     pub warm_connections: usize,
     /// `--multiplex N`: clients share N upstream connections until they need one of their own
-    /// (0: every client has its own, the default). See [`crate::mux`].
+    /// (0: every client has its own, the default). See `crate::mux`.
     pub multiplex: usize,
     /// Health and metrics HTTP endpoint; `None` when `off`.
     pub admin_listen: Option<String>,

@@ -12,7 +12,7 @@
 //!   an `AUTH` may be injected is in [`relay::state`].
 //! * `cluster`: the cluster mode (`--cluster`): a local listener per node of an OSS-clustered
 //!   cache, node addresses rewritten in replies, the topology kept current.
-//! * [`mux`]: multiplexing (`--multiplex N`): clients share N upstream connections, each pinned
+//! * `mux`: multiplexing (`--multiplex N`): clients share N upstream connections, each pinned
 //!   to a connection of its own before its first command that needs connection state.
 //! * [`server`]: the listener that accepts applications and starts one relay per client.
 //! * [`check`]: the `check` subcommand that runs the whole path once.
@@ -33,7 +33,7 @@ pub mod health;
 pub mod injector;
 pub mod logging;
 pub mod metrics;
-pub mod mux;
+mod mux;
 pub mod ops_client;
 pub mod pool;
 pub mod relay;

@@ -224,7 +224,7 @@ impl Core {
 
     // ----- what the I/O loop reads and writes -------------------------------------------
 
-    /// Multiplexing: the client was shared until now (see [`crate::mux`]). `input` is what it
+    /// Multiplexing: the client was shared until now (see `crate::mux`). `input` is what it
     /// sent that was not handled yet; `setup` runs first (its replies are the proxy's),
     /// `authenticated` says it has already given `--listen-password`, and `resp3` that it
     /// speaks RESP3.

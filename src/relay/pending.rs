@@ -42,7 +42,7 @@ pub enum ProxyCommand {
     /// `HELLO 2|3`: switching the upstream's protocol for a RESP2 subscriber.
     Hello(u8),
     /// A command that restores state a multiplexed client set while it was shared (its
-    /// `CLIENT SETNAME`), sent on the connection it is pinned to (see [`crate::mux`]).
+    /// `CLIENT SETNAME`), sent on the connection it is pinned to (see `crate::mux`).
     Setup,
 }
 

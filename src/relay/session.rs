@@ -129,7 +129,7 @@ where
         self.core.set_cluster(view);
     }
 
-    /// Multiplexing: takes over a client that was shared (see [`crate::mux`]).
+    /// Multiplexing: takes over a client that was shared (see `crate::mux`).
     pub(crate) fn take_over(
         &mut self,
         input: &[u8],
