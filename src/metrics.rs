@@ -310,6 +310,24 @@ fn labelled_counter(name: &str, help: &str, label: &str, value: &str) -> IntCoun
         .unwrap_or_else(|_| unreachable_metric())
 }
 
+/// Adds one to a gauge for as long as it lives (a client on the shared connections, a pinned
+/// client).
+pub struct Counting<'a>(&'a IntGauge);
+
+impl<'a> Counting<'a> {
+    /// Increments `gauge` now, decrements it when dropped.
+    pub fn new(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        Counting(gauge)
+    }
+}
+
+impl Drop for Counting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn labelled_gauge(name: &str, help: &str, label: &str, value: &str) -> IntGauge {
     IntGauge::with_opts(Opts::new(name, help).const_label(label, value))
         .unwrap_or_else(|_| unreachable_metric())

@@ -14,7 +14,7 @@ use crate::config::{Config, ConfigError, ListenAddr};
 use crate::connector::{Connector, OpenError, Ready};
 use crate::credential::{AuthKind, CredentialManager};
 use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{Counting, Metrics};
 use crate::mux::{Multiplexer, Outcome};
 use crate::pool::WarmPool;
 use crate::relay::{RelayContext, Session, SessionEnd};
@@ -448,7 +448,9 @@ where
             }
         }
     }
-    let _pinned = handoff.as_ref().map(|_| PinnedGuard::new(&shared.metrics));
+    let _pinned = handoff
+        .as_ref()
+        .map(|_| Counting::new(&shared.metrics.mux_pinned_clients));
     let credentials = shared.connector.credentials.subscribe();
     // A client pinned after giving the listen password has its upstream opened now.
     let authenticated = handoff.as_ref().is_some_and(|h| h.authenticated);
@@ -494,22 +496,6 @@ where
             .upstream_errors
             .with_label_values(&[kind])
             .inc();
-    }
-}
-
-/// Counts a multiplexed client that was pinned, for as long as it is connected.
-struct PinnedGuard<'a>(&'a Metrics);
-
-impl<'a> PinnedGuard<'a> {
-    fn new(metrics: &'a Metrics) -> Self {
-        metrics.mux_pinned_clients.inc();
-        PinnedGuard(metrics)
-    }
-}
-
-impl Drop for PinnedGuard<'_> {
-    fn drop(&mut self) {
-        self.0.mux_pinned_clients.dec();
     }
 }
 

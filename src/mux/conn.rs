@@ -174,41 +174,25 @@ pub async fn run(
     let mut delay = RECONNECT_MIN;
     loop {
         let opened = tokio::select! {
-            opened = mux.connector.open() => opened,
+            opened = open(&mux, protocol) => opened,
             () = stop.cancelled() => return,
         };
         let ready = match opened {
             Ok(ready) => ready,
             Err(e) => {
-                let reason = format!("cannot open a shared upstream connection: {e}");
                 tracing::warn!(shared = index, error = %e, "cannot open a shared upstream connection");
                 // Nobody waits on a connection that isn't there: what is queued fails now.
-                let error = crate::relay::proxy_error(&reason);
+                let error = crate::relay::proxy_error(&format!(
+                    "cannot open a shared upstream connection: {e}"
+                ));
                 fail_queued(&mut rx, &error, &mux);
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => return,
+                if !back_off(&mut delay, &stop).await {
+                    return;
                 }
-                delay = (delay * 2).min(RECONNECT_MAX);
                 continue;
             }
         };
         let mut stream = ready.stream;
-        if protocol == Protocol::Resp3
-            && let Err(e) = hello_3(&mut stream).await
-        {
-            tracing::warn!(shared = index, error = %e, "cannot switch a shared connection to RESP3");
-            let error = crate::relay::proxy_error(&format!(
-                "cannot open a shared upstream connection: {e}"
-            ));
-            fail_queued(&mut rx, &error, &mux);
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = stop.cancelled() => return,
-            }
-            delay = (delay * 2).min(RECONNECT_MAX);
-            continue;
-        }
         delay = RECONNECT_MIN;
         if mux.claim_table() {
             match read_table(&mut stream).await {
@@ -218,11 +202,9 @@ pub async fn run(
                     // the next connection.
                     tracing::warn!(shared = index, error = %e, "multiplex: reading COMMAND failed; asking again");
                     mux.unclaim_table();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = stop.cancelled() => return,
+                    if !back_off(&mut delay, &stop).await {
+                        return;
                     }
-                    delay = (delay * 2).min(RECONNECT_MAX);
                     continue;
                 }
             }
@@ -266,6 +248,26 @@ pub async fn run(
                 ));
             }
         }
+    }
+}
+
+/// A new shared connection: TCP, TLS, `AUTH` (and `SELECT`) by the connector, then `HELLO 3`
+/// for the RESP3 group. The error is the client-facing reason (no secret in it).
+async fn open(mux: &MuxShared, protocol: Protocol) -> Result<crate::connector::Ready, String> {
+    let mut ready = mux.connector.open().await.map_err(|e| e.to_string())?;
+    if protocol == Protocol::Resp3 {
+        hello_3(&mut ready.stream).await?;
+    }
+    Ok(ready)
+}
+
+/// Waits `delay` (doubling it for the next time, up to [`RECONNECT_MAX`]); false once `stop`.
+async fn back_off(delay: &mut Duration, stop: &CancellationToken) -> bool {
+    let wait = *delay;
+    *delay = (*delay * 2).min(RECONNECT_MAX);
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = stop.cancelled() => false,
     }
 }
 

@@ -28,7 +28,7 @@ mod conn;
 pub mod table;
 
 use crate::connector::Connector;
-use crate::metrics::Metrics;
+use crate::metrics::{Counting, Metrics};
 use crate::relay::SessionEnd;
 use client::{ClientCore, Handoff, Next};
 use conn::{Batch, Mailbox};
@@ -169,9 +169,11 @@ impl Multiplexer {
         };
         let mut _on_conn = Counted::new(handle.clients.clone());
         let metrics = &self.shared.metrics;
-        metrics.mux_shared_clients.inc();
-        let _shared_gauge = GaugeGuard(&metrics.mux_shared_clients);
+        let _shared_gauge = Counting::new(&metrics.mux_shared_clients);
         let (mailbox, mut rx) = Mailbox::new();
+        // A child of the process-wide token, as the 1:1 session waits on: polling it each turn
+        // then touches this client's own waiter list, not the one every client shares.
+        let shutdown = shutdown.child_token();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         let overflow = mailbox.overflow().clone();
@@ -331,13 +333,4 @@ fn spawn_group(
             }
         })
         .collect()
-}
-
-/// Decrements a gauge when dropped.
-struct GaugeGuard<'a>(&'a prometheus::IntGauge);
-
-impl Drop for GaugeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
