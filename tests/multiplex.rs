@@ -10,7 +10,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use support::{ProxyProcess, RespClient, Setup, Value, http_get, wait_until};
+use support::{ProxyProcess, RespClient, Setup, Value, http_get, metric, wait_until};
 
 const LIFETIME: Duration = Duration::from_secs(3);
 
@@ -47,17 +47,6 @@ async fn start(
         proxy.output()
     );
     (setup, proxy, admin)
-}
-
-/// The value of one series (written exactly, labels included) in `/metrics`.
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let body = http_get(&format!("http://{admin}/metrics")).await.body;
-    body.lines()
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{body}"))
 }
 
 /// Pins counted, all reasons together.

@@ -10,7 +10,7 @@ mod support;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use support::{EndpointMode, ProxyProcess, RespClient, Setup, Value, http_get, wait_until};
+use support::{EndpointMode, ProxyProcess, RespClient, Setup, Value, metric, wait_until};
 
 const LIFETIME: Duration = Duration::from_secs(3);
 
@@ -22,17 +22,6 @@ async fn start(pool: usize, extra: &[&str]) -> (Setup, ProxyProcess, SocketAddr)
     let proxy = setup.start_proxy_with(&args, &[]).await;
     let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
     (setup, proxy, admin)
-}
-
-/// The value of one unlabelled series (or `name{labels}` written exactly) in `/metrics`.
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let body = http_get(&format!("http://{admin}/metrics")).await.body;
-    body.lines()
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{body}"))
 }
 
 /// Waits (bounded) until `series` equals `want`.

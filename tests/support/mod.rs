@@ -71,6 +71,18 @@ use std::time::{Duration, Instant};
 /// How often [`wait_until`] and friends re-check their condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// The value of one series of the proxy's `/metrics` at `admin`, written exactly (labels
+/// included: `name{label="value"}`); panics, showing the page, when it is missing.
+pub async fn metric(admin: std::net::SocketAddr, series: &str) -> f64 {
+    let body = http_get(&format!("http://{admin}/metrics")).await.body;
+    body.lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{body}"))
+}
+
 /// Polls `cond` every [`POLL_INTERVAL`] until it returns `true` (→ `true`) or `timeout` has
 /// passed (→ `false`). The condition is always checked at least once, and once more at the end.
 ///
