@@ -377,10 +377,10 @@ impl ClientCore {
                 None => Step::Pin(PinReason::Unauthenticated),
             };
         }
-        if let Some(step) = self.chatter(name, argc, frame) {
+        if let Some(step) = self.chatter(name, argc, args.clone()) {
             return step;
         }
-        match self.table.decide(name, args.next()) {
+        match self.table.decide_lazy(name, || args.next()) {
             Decision::Share => Step::Share,
             Decision::Pin(reason) => Step::Pin(reason),
         }
@@ -411,9 +411,8 @@ impl ClientCore {
     /// * `QUIT`: `+OK`, then the connection closes.
     ///
     /// `PING` and `ECHO` need nothing special: they are on the allow-list.
-    fn chatter(&self, name: &[u8], argc: usize, frame: &[u8]) -> Option<Step> {
-        let mut args = Args::new(frame);
-        args.next();
+    /// `args` are the arguments after the name.
+    fn chatter(&self, name: &[u8], argc: usize, mut args: Args<'_>) -> Option<Step> {
         if name.eq_ignore_ascii_case(b"auth") {
             return Some(match argc {
                 0 | 1 => Step::Local(Bytes::from_static(AUTH_ARITY)),

@@ -180,6 +180,7 @@ impl Multiplexer {
         let overflowed = overflow.cancelled();
         tokio::pin!(overflowed);
         let mut cin_grown = false;
+        let mut turns = 0u32;
         loop {
             let mut lost = false;
             core.process(&mailbox, |batch| {
@@ -256,6 +257,12 @@ impl Multiplexer {
                         Poll::Pending => {}
                     }
                 }
+                // The two tokens only when idle (and now and then while busy): polling them
+                // is a measurable part of a turn that carries one command.
+                turns = turns.wrapping_add(1);
+                if progress && !turns.is_multiple_of(IDLE_CHECK_EVERY) {
+                    return Poll::Ready(Ok(None));
+                }
                 if overflowed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(client::OVERFLOW));
                 }
@@ -298,6 +305,10 @@ impl Multiplexer {
         }
     }
 }
+
+/// A busy loop turn polls its shutdown and overflow tokens only every this many turns (an
+/// idle one always does, before it waits).
+pub(crate) const IDLE_CHECK_EVERY: u32 = 32;
 
 /// Counts a client on its shared connection while it is there.
 struct Counted(Arc<AtomicUsize>);

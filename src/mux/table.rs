@@ -32,6 +32,7 @@
 
 use redis_protocol::resp2::types::OwnedFrame;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Shared although the server does not flag them `readonly`/`write` (see the module doc, 2).
 const SHARED_BY_NAME: &[&str] = &[
@@ -196,13 +197,40 @@ pub enum Decision {
 #[derive(Debug, Clone)]
 enum Entry {
     Command(Decision),
-    Container(HashMap<Vec<u8>, Decision>),
+    Container(Names<Decision>),
+}
+
+/// A map by lower-case command name.
+type Names<V> = HashMap<Vec<u8>, V, BuildHasherDefault<NameHasher>>;
+
+/// FNV-1a, for [`Names`]: the keys are a few hundred short names the server listed, and a
+/// client can only look names up, never add one, so SipHash's defence against chosen keys
+/// buys nothing here; it was a measurable part of each shared command's cost.
+#[derive(Debug, Clone, Copy)]
+struct NameHasher(u64);
+
+impl Default for NameHasher {
+    fn default() -> Self {
+        NameHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The allow-list, by lower-case command name (and `container|subcommand`).
 #[derive(Debug, Clone, Default)]
 pub struct CommandTable {
-    commands: HashMap<Vec<u8>, Entry>,
+    commands: Names<Entry>,
     /// Built without the server's table: everything pins.
     empty: bool,
 }
@@ -214,7 +242,7 @@ impl CommandTable {
     /// The table that shares nothing, used when the server's `COMMAND` reply can't be read.
     pub fn pin_everything() -> Self {
         CommandTable {
-            commands: HashMap::new(),
+            commands: Names::default(),
             empty: true,
         }
     }
@@ -228,7 +256,7 @@ impl CommandTable {
         let OwnedFrame::Array(entries) = frame else {
             return None;
         };
-        let mut commands = HashMap::with_capacity(entries.len());
+        let mut commands = Names::with_capacity_and_hasher(entries.len(), Default::default());
         for entry in &entries {
             let Some((name, decision, subs)) = parse_entry(entry) else {
                 continue;
@@ -236,7 +264,7 @@ impl CommandTable {
             let value = if subs.is_empty() {
                 Entry::Command(decision)
             } else {
-                let mut table = HashMap::with_capacity(subs.len());
+                let mut table = Names::with_capacity_and_hasher(subs.len(), Default::default());
                 for sub in &subs {
                     if let Some((full, decision, _)) = parse_entry(sub) {
                         // `container|sub`: keep the part after the bar.
@@ -268,6 +296,12 @@ impl CommandTable {
     /// The decision for a command named `name` whose first argument is `sub` (if any).
     /// Case-insensitive; allocates nothing.
     pub fn decide(&self, name: &[u8], sub: Option<&[u8]>) -> Decision {
+        self.decide_lazy(name, || sub)
+    }
+
+    /// [`CommandTable::decide`], with the first argument found only for a container (the
+    /// shared client's hot path: a `GET`'s key is not looked at).
+    pub fn decide_lazy<'a>(&self, name: &[u8], sub: impl FnOnce() -> Option<&'a [u8]>) -> Decision {
         if self.empty {
             return Decision::Pin(PinReason::NoCommandTable);
         }
@@ -280,6 +314,7 @@ impl CommandTable {
             Some(Entry::Command(d)) => *d,
             Some(Entry::Container(subs)) => {
                 let mut sub_buf = [0u8; MAX_NAME];
+                let sub = sub();
                 let Some(sub) = sub.and_then(|s| lowercase(s, &mut sub_buf)) else {
                     // The container alone (e.g. `COMMAND`) is an entry of its own when it has
                     // a meaning of its own; otherwise Redis answers an arity error.
