@@ -504,6 +504,52 @@ async fn a_broken_shared_connection_fails_only_the_commands_in_flight() {
 }
 
 #[tokio::test]
+async fn while_the_server_is_busy_later_commands_gather_into_one_write() {
+    // Tokens outlive the busy server here: a re-AUTH queued behind the script can't be
+    // answered before it is (the refresh tests are the others).
+    let (_setup, proxy, admin) = start(Duration::from_secs(60), 1, &[]).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = RespClient::connect(proxy.addr()).await;
+        assert_eq!(c.cmd(&["SET", &format!("g:{i}"), &i.to_string()]).await, Value::ok());
+        clients.push(c);
+    }
+    let writes0 = metric(admin, "redis_proxy_multiplex_commands_per_write_count").await;
+    let sent0 = metric(admin, "redis_proxy_multiplex_commands_per_write_sum").await;
+    // The first write: a script that keeps the server busy for two seconds. Nothing written
+    // after it on this connection can be answered before it is.
+    let mut busy = RespClient::connect(proxy.addr()).await;
+    let script = "local t = redis.call('TIME'); local s = t[1] * 1000000 + t[2]; \
+                  while true do local n = redis.call('TIME'); \
+                  if n[1] * 1000000 + n[2] - s > 2000000 then return 'done' end end";
+    let commands0 = metric(admin, "redis_proxy_commands_total").await;
+    busy.send(&["EVAL", script, "0"]).await;
+    // Then one GET per client, each handed to the shared connection before the next is sent
+    // (so none of them could share a write by arriving together).
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&["GET", &format!("g:{i}")]).await;
+        let want = commands0 + 2.0 + i as f64;
+        assert!(
+            support::wait_until_async(Duration::from_secs(5), || async {
+                metric(admin, "redis_proxy_commands_total").await >= want
+            })
+            .await,
+            "GET {i} was not handed to the shared connection\n{}",
+            proxy.output()
+        );
+    }
+    assert_eq!(busy.read().await, bulk("done"));
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.read().await, bulk(&i.to_string()));
+    }
+    // Two writes in flight (the script, the first GET); the other 19 GETs waited for the
+    // script's reply and went out together: 21 commands in 3 writes, not 21.
+    let writes = metric(admin, "redis_proxy_multiplex_commands_per_write_count").await - writes0;
+    let sent = metric(admin, "redis_proxy_multiplex_commands_per_write_sum").await - sent0;
+    assert_eq!((writes, sent), (3.0, 21.0), "{}", proxy.output());
+}
+
+#[tokio::test]
 async fn large_replies_stream_through_a_shared_connection_and_large_commands_pin() {
     let (_setup, proxy, admin) = start(LIFETIME, 1, &[]).await;
     let mut a = RespClient::connect(proxy.addr()).await;
