@@ -161,6 +161,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Upstream connections kept connected and authenticated ahead of demand.
     pub warm_connections: usize,
+    /// The warm pool fills only once a multiplexed client is first pinned (`--multiplex`
+    /// without `--warm-connections`): an application that never pins keeps N connections.
+    pub warm_after_first_pin: bool,
     /// `--multiplex N`: clients share N upstream connections until they need one of their own
     /// (0: every client has its own, the default). See `crate::mux`.
     pub multiplex: usize,
@@ -344,7 +347,12 @@ impl Config {
             parts.push(format!("max_connections={}", self.max_connections));
         }
         if self.warm_connections > 0 {
-            parts.push(format!("warm_connections={}", self.warm_connections));
+            let when = if self.warm_after_first_pin {
+                " (after the first pin)"
+            } else {
+                ""
+            };
+            parts.push(format!("warm_connections={}{when}", self.warm_connections));
         }
         if self.multiplex > 0 {
             parts.push(format!("multiplex={}", self.multiplex));
@@ -1237,6 +1245,12 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             "a number of shared connections from 0 (off) to 64",
         )?
         .unwrap_or(0);
+    let warm = lookup.parse(
+        &clients.warm_connections,
+        WARM_CONNECTIONS,
+        parse_number,
+        count,
+    )?;
     if multiplex > 0 && cluster.mode != ClusterMode::Off {
         return Err(ConfigError(
             "--multiplex needs --cluster off: the cluster mode relays every client 1:1 \
@@ -1280,15 +1294,10 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             .unwrap_or(0),
         // With --multiplex, a client that is pinned takes a ready connection: its first
         // command then reaches the server before other clients' later ones (a connect would let
-        // them overtake it) and no SELECT runs at that moment.
-        warm_connections: lookup
-            .parse(
-                &clients.warm_connections,
-                WARM_CONNECTIONS,
-                parse_number,
-                count,
-            )?
-            .unwrap_or(multiplex),
+        // them overtake it) and no SELECT runs at that moment. Unless asked for, that pool
+        // waits for the first pin (an application that never pins keeps N connections).
+        warm_connections: warm.unwrap_or(multiplex),
+        warm_after_first_pin: multiplex > 0 && warm.is_none(),
         control_listen: control,
         admin_listen: admin,
         shutdown_delay: lookup
@@ -3308,6 +3317,28 @@ mod tests {
         );
         assert_eq!(c.multiplex, 4);
         assert!(c.describe().contains("multiplex=4"), "{}", c.describe());
+        // The warm pool pins take from waits for the first pin, unless it is asked for.
+        assert_eq!((c.warm_connections, c.warm_after_first_pin), (4, true));
+        assert!(
+            c.describe()
+                .contains("warm_connections=4 (after the first pin)"),
+            "{}",
+            c.describe()
+        );
+        let c = config(
+            &[
+                "--upstream",
+                "cache.example",
+                "--multiplex",
+                "4",
+                "--cluster",
+                "off",
+                "--warm-connections",
+                "2",
+            ],
+            &[],
+        );
+        assert_eq!((c.warm_connections, c.warm_after_first_pin), (2, false));
         let c = config(
             &["--upstream", "cache.example"],
             &[

@@ -37,6 +37,11 @@ impl Health {
         self.started.store(true, Ordering::SeqCst);
     }
 
+    /// [`Health::mark_started`], true for the one call that did it (to log it once).
+    pub fn mark_started_first(&self) -> bool {
+        !self.started.swap(true, Ordering::SeqCst)
+    }
+
     /// `GET /startup`: 200 once started.
     pub fn started(&self) -> bool {
         self.started.load(Ordering::SeqCst)

@@ -8,6 +8,10 @@
 //!
 //! The rules, all in [`WarmPool::take`] and the background task [`maintain`]:
 //! * a client takes the oldest idle connection; the pool refills in the background;
+//! * with `--multiplex` and no `--warm-connections` of its own, the pool starts **dormant**:
+//!   only a client that is pinned takes a connection of its own there, so an application that
+//!   never pins keeps exactly its N shared connections; the first pin wakes the pool (that
+//!   client connects itself) and from then on pins find a ready connection;
 //! * a client that leaves its connection clean (see `Command::leaves_state`) gives it back,
 //!   so an application that connects per request keeps reusing a few upstream connections;
 //! * every new credential (a refreshed token, a rotated key file) re-authenticates each idle
@@ -25,7 +29,7 @@ use crate::upstream::{UpstreamStream, roundtrip};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
@@ -67,6 +71,10 @@ pub struct WarmPool {
 
 struct Inner {
     size: usize,
+    /// Not filled until the first [`WarmPool::take`] (see the module documentation).
+    dormant: AtomicBool,
+    /// The first take of a dormant pool.
+    woken: Notify,
     idle: Mutex<VecDeque<Idle>>,
     /// A connection was taken: refill.
     taken: Notify,
@@ -75,15 +83,19 @@ struct Inner {
 }
 
 impl WarmPool {
-    /// Starts keeping `size` connections ready; the background task stops with `stop`.
+    /// Starts keeping `size` connections ready (once first asked for one, if `dormant`); the
+    /// background task stops with `stop`.
     pub fn start(
         size: usize,
+        dormant: bool,
         connector: Arc<Connector>,
         health: Arc<Health>,
         stop: CancellationToken,
     ) -> WarmPool {
         let inner = Arc::new(Inner {
             size,
+            dormant: AtomicBool::new(dormant),
+            woken: Notify::new(),
             idle: Mutex::new(VecDeque::with_capacity(size)),
             taken: Notify::new(),
             connector,
@@ -96,6 +108,10 @@ impl WarmPool {
     /// An idle connection that is still open and whose token is good for at least
     /// [`TAKE_MARGIN`], or `None` (the caller then connects itself).
     pub async fn take(&self) -> Option<Ready> {
+        if self.inner.dormant.swap(false, Ordering::Relaxed) {
+            self.inner.woken.notify_one(); // kept as a permit if the task isn't waiting yet
+            return None;
+        }
         loop {
             let mut entry = self.inner.pop()?;
             self.inner.taken.notify_one();
@@ -178,6 +194,9 @@ impl Inner {
     }
 
     fn missing(&self) -> usize {
+        if self.dormant.load(Ordering::Relaxed) {
+            return 0;
+        }
         self.size.saturating_sub(self.lock().len())
     }
 }
@@ -191,6 +210,13 @@ async fn maintain(inner: Arc<Inner>, health: Arc<Health>, stop: CancellationToke
     let mut service = tokio::time::interval(SERVICE_INTERVAL);
     service.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     service.reset(); // the first tick is one interval away, not now
+    if inner.dormant.load(Ordering::Relaxed) {
+        tokio::select! {
+            () = inner.woken.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        tracing::debug!("warm pool: a client was pinned; filling");
+    }
     loop {
         let missing = inner.missing();
         if missing > 0 {

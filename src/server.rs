@@ -121,6 +121,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let pool = (config.warm_connections > 0).then(|| {
         WarmPool::start(
             config.warm_connections,
+            config.warm_after_first_pin,
             connector.clone(),
             health.clone(),
             stop_background.clone(),
@@ -132,6 +133,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             connector.clone(),
             config.database,
             config.listen_password.clone(),
+            health.clone(),
             stop_background.clone(),
         )
     });
@@ -154,7 +156,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         cluster: cluster.as_ref().map(|(c, _)| c.clone()),
         mux,
     });
-    tokio::spawn(startup_probe(shared.clone(), stop_background.clone()));
+    // With --multiplex the shared connections are that first connection (and stay open).
+    if shared.mux.is_none() {
+        tokio::spawn(startup_probe(shared.clone(), stop_background.clone()));
+    }
     let state = AdminState {
         metrics: shared.metrics.clone(),
         health: shared.health.clone(),

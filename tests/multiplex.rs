@@ -46,6 +46,15 @@ async fn start(
         "shared connections did not open\n{}",
         proxy.output()
     );
+    // They are the startup probe too: no connection of its own was opened for it.
+    let startup = http_get(&format!("http://{admin}/startup")).await;
+    assert_eq!(startup.status, 200, "{}", startup.body);
+    assert_eq!(
+        setup.front().connections_total(),
+        u64::try_from(shared).unwrap_or(u64::MAX),
+        "{}",
+        proxy.output()
+    );
     (setup, proxy, admin)
 }
 
@@ -178,11 +187,11 @@ async fn connect_time_chatter_of_real_clients_does_not_pin() {
         metric(admin, "redis_proxy_multiplex_clients{state=\"shared\"}").await,
         2.0
     );
-    // Two clients, two shared connections, no other upstream connection than the warm pool's
-    // (as many as shared connections by default with --multiplex).
-    assert_eq!(metric(admin, "redis_proxy_warm_connections").await, 2.0);
-    assert_eq!(metric(admin, "redis_proxy_upstream_connections").await, 4.0);
-    assert_eq!(setup.front().connections_open(), 4);
+    // Two clients, two shared connections, and no other upstream connection: the warm pool
+    // (as many as shared connections by default with --multiplex) waits for the first pin.
+    assert_eq!(metric(admin, "redis_proxy_warm_connections").await, 0.0);
+    assert_eq!(metric(admin, "redis_proxy_upstream_connections").await, 2.0);
+    assert_eq!(setup.front().connections_open(), 2);
     // A RESP3 client is shared too, on RESP3 shared connections opened for it, and keeps
     // RESP3 when it is pinned later.
     let mut resp3 = RespClient::connect(proxy.addr()).await;
@@ -208,6 +217,41 @@ async fn connect_time_chatter_of_real_clients_does_not_pin() {
         )
         .await,
         1.0
+    );
+    // That first pin woke the warm pool: the next pin finds a ready connection.
+    assert!(
+        support::wait_until_async(Duration::from_secs(10), || async {
+            metric(admin, "redis_proxy_warm_connections").await == 2.0
+        })
+        .await,
+        "{}",
+        proxy.output()
+    );
+    // 2 + 2 shared (RESP2, RESP3), the pinned client's own, the warm pool's 2.
+    assert_eq!(setup.front().connections_open(), 7);
+    let open: Vec<u64> = setup
+        .redis
+        .app_clients()
+        .await
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let mut second = RespClient::connect(proxy.addr()).await;
+    let Value::Int(id) = second.cmd(&["CLIENT", "ID"]).await else {
+        panic!("CLIENT ID")
+    };
+    assert!(
+        u64::try_from(id).is_ok_and(|id| open.contains(&id)),
+        "the second pin's connection ({id}) was one of the warm ones ({open:?})"
+    );
+    assert!(
+        support::wait_until_async(Duration::from_secs(10), || async {
+            metric(admin, "redis_proxy_warm_connections").await == 2.0
+                && metric(admin, "redis_proxy_upstream_connections").await == 8.0
+        })
+        .await,
+        "the pool refilled\n{}",
+        proxy.output()
     );
 }
 
@@ -511,7 +555,10 @@ async fn while_the_server_is_busy_later_commands_gather_into_one_write() {
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut c = RespClient::connect(proxy.addr()).await;
-        assert_eq!(c.cmd(&["SET", &format!("g:{i}"), &i.to_string()]).await, Value::ok());
+        assert_eq!(
+            c.cmd(&["SET", &format!("g:{i}"), &i.to_string()]).await,
+            Value::ok()
+        );
         clients.push(c);
     }
     let writes0 = metric(admin, "redis_proxy_multiplex_commands_per_write_count").await;

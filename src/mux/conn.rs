@@ -220,6 +220,9 @@ pub async fn run(
         }
         mux.metrics.mux_shared_connections.inc();
         mux.metrics.upstream_connections.inc();
+        if mux.health.mark_started_first() {
+            tracing::info!(upstream = %mux.connector.upstream.addr(), "ready: a shared upstream connection authenticated");
+        }
         tracing::debug!(shared = index, "shared upstream connection open");
         let mut conn = Conn {
             stream,

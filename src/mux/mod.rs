@@ -54,6 +54,8 @@ pub struct Shared {
     table_claimed: std::sync::atomic::AtomicBool,
     /// Keys of the shared connections in the re-auth deadline gauge (beyond client ids).
     id_base: u64,
+    /// Started (`/startup`) once the first shared connection is authenticated.
+    health: Arc<crate::health::Health>,
 }
 
 impl Shared {
@@ -110,6 +112,7 @@ impl Multiplexer {
         connector: Arc<Connector>,
         database: u32,
         listen_password: Option<crate::secret::Secret>,
+        health: Arc<crate::health::Health>,
         stop: CancellationToken,
     ) -> Multiplexer {
         let metrics = connector.metrics.clone();
@@ -127,6 +130,7 @@ impl Multiplexer {
             table_claimed: std::sync::atomic::AtomicBool::new(false),
             // Client ids count up from 1; these sit at the top of the range.
             id_base: u64::MAX - 1024,
+            health,
         });
         let resp2 = spawn_group(n, 0, Protocol::Resp2, &shared, &stop);
         Multiplexer {
