@@ -15,7 +15,8 @@
 //!    ([`SHARED_BY_NAME`]): `PING`, `ECHO`, `TIME`, `INFO`, `LASTSAVE`, `PUBLISH`, `SPUBLISH`,
 //!    the `PUBSUB` and `COMMAND` introspection, scripts and functions (`EVAL*`, `FCALL*`,
 //!    `SCRIPT LOAD|EXISTS|FLUSH`, `FUNCTION LOAD|LIST|DUMP|STATS|DELETE`), `MEMORY
-//!    USAGE|STATS|DOCTOR`, `LOLWUT`.
+//!    USAGE|STATS|DOCTOR`, `LOLWUT`, `CONFIG GET` (flagged `admin`, but it only reads the
+//!    configuration).
 //! 3. A few commands act on the connection whatever their flags say and always pin
 //!    ([`PINNED_BY_NAME`]): `SELECT`, the transaction commands, `WAIT`/`WAITAOF`, `READONLY`,
 //!    `READWRITE`, `ASKING`, `RESET`, `MONITOR`, `SYNC`/`PSYNC`/`REPLCONF`, `SCRIPT KILL` and
@@ -74,6 +75,9 @@ const SHARED_BY_NAME: &[&str] = &[
     "memory|stats",
     "memory|doctor",
     "memory|malloc-stats",
+    // Flagged admin, but it only reads the server's configuration: the same on any connection,
+    // and clients send it at connect time (redis-benchmark, for one, on every run).
+    "config|get",
 ];
 
 /// Pinned although their flags would share them (see the module doc, 3): they act on the
@@ -470,6 +474,22 @@ mod tests {
             entry("keys", &["readonly"], vec![]),
             entry("save", &["admin", "noscript"], vec![]),
             entry(
+                "config",
+                &[],
+                vec![
+                    entry(
+                        "config|get",
+                        &["admin", "noscript", "loading", "stale"],
+                        vec![],
+                    ),
+                    entry(
+                        "config|set",
+                        &["admin", "noscript", "loading", "stale"],
+                        vec![],
+                    ),
+                ],
+            ),
+            entry(
                 "client",
                 &[],
                 vec![
@@ -510,6 +530,11 @@ mod tests {
         );
         assert_eq!(t.decide(b"select", None), Decision::Pin(PinReason::Select));
         assert_eq!(t.decide(b"save", None), Decision::Pin(PinReason::Admin));
+        assert_eq!(t.decide(b"CONFIG", Some(b"get")), share);
+        assert_eq!(
+            t.decide(b"config", Some(b"SET")),
+            Decision::Pin(PinReason::Admin)
+        );
         assert_eq!(
             t.decide(b"client", Some(b"id")),
             Decision::Pin(PinReason::Client)
