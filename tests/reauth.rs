@@ -350,6 +350,92 @@ async fn access_key_rotation_through_the_key_file() {
     assert_eq!(live.cmd(&["GET", "k"]).await, bulk("v"));
 }
 
+/// A TCP relay to `to` that holds every connection accepted while it is closed until it opens;
+/// counts those it held.
+async fn gate(
+    to: String,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::watch::Sender<bool>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the gate");
+    let addr = listener.local_addr().expect("gate address");
+    let (open, _) = tokio::sync::watch::channel(true);
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (open_tx, held_count) = (open.clone(), held.clone());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut is_open = open_tx.subscribe();
+            let (to, held) = (to.clone(), held.clone());
+            tokio::spawn(async move {
+                if !*is_open.borrow() {
+                    held.fetch_add(1, Ordering::SeqCst);
+                }
+                if is_open.wait_for(|o| *o).await.is_err() {
+                    return;
+                }
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, open, held_count)
+}
+
+#[tokio::test]
+async fn a_connection_whose_handshake_outlasts_its_key_is_retried_with_the_new_one() {
+    use std::sync::atomic::Ordering;
+    let setup = Setup::access_key().await;
+    let (gate_addr, open, held) = gate(setup.redis.addr()).await;
+    let key_file = setup.dir.path().join("access-key");
+    let old_key = setup.redis.access_key();
+    std::fs::write(&key_file, format!("{old_key}\n")).expect("write key file");
+    let mut args: Vec<String> = setup.args.clone();
+    let at = args
+        .iter()
+        .position(|a| a == "--upstream")
+        .expect("--upstream in the setup's arguments");
+    args[at + 1] = gate_addr.to_string();
+    let key_path = key_file.display().to_string();
+    args.extend(["--access-key-file".into(), key_path]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = ProxyProcess::start(&args, &[]).await;
+    proxy
+        .wait_for_output("ready: an upstream connection", Duration::from_secs(15))
+        .await;
+    // A client's upstream connection is dialled with the old key and held before its TLS
+    // handshake; meanwhile the key is rotated and the old one revoked.
+    open.send_replace(false);
+    let mut client = RespClient::connect(proxy.addr()).await;
+    client.send(&["PING"]).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || held.load(Ordering::SeqCst) >= 1).await,
+        "the proxy did not dial\n{}",
+        proxy.output()
+    );
+    let new_key = "rotated-during-a-handshake";
+    setup.redis.set_access_keys(&[new_key]).await;
+    std::fs::write(&key_file, new_key).expect("rotate key file");
+    proxy
+        .wait_for_output("the access key file changed", Duration::from_secs(15))
+        .await;
+    // The handshake completes, AUTH with the old key is refused, and the connector tries once
+    // more with the key published meanwhile: the client never sees the refusal.
+    open.send_replace(true);
+    assert_eq!(
+        client.read().await,
+        Value::simple("PONG"),
+        "{}",
+        proxy.output()
+    );
+    assert_eq!(client.cmd(&["SET", "k", "v"]).await, Value::ok());
+}
+
 #[tokio::test]
 async fn inline_commands_are_relayed() {
     let (_setup, proxy) = entra().await;
