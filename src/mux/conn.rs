@@ -5,12 +5,13 @@
 //! appends to one write buffer in arrival order. At most [`MAX_WRITES_IN_FLIGHT`] writes are
 //! in flight (written, not yet fully answered); whatever arrives while two are goes out
 //! together in the next one (one TLS record, one `read` on the server: the speed of sharing).
-//! Writing each batch the moment it arrived cost 1.5× the proxy CPU per pipelined command (a
-//! syscall and a TLS record per client batch, and as many reads on the server); waiting for
-//! every reply (one in flight) gathers the most but makes a command that arrives just after a
-//! write wait a whole round trip under load. With two, the connection stays busy while the
-//! next write gathers, and a command waits (at most until the older write is answered) only
-//! when two are already out. Each batch pushes `(client, count)` onto a FIFO, and each reply
+//! Writing each batch the moment it arrived cost up to twice the proxy CPU per command with
+//! 50 unpipelined clients (a syscall and a TLS record per client batch, and as many reads on
+//! the server; pipelined clients gather on their own); waiting for every reply (one in
+//! flight) gathers the most but makes a command that arrives just after a write wait a whole
+//! round trip under load. With two, the connection stays busy while the next write gathers,
+//! and a command waits (at most until the older write is answered) only when two are already
+//! out. Each batch pushes `(client, count)` onto a FIFO, and each reply
 //! frame goes to the FIFO's head: replies come back in the order commands were written, so
 //! routing needs no tags. Reply bytes are handed over as slices of the read buffer (no copy);
 //! a frame still arriving is forwarded as far as it goes, to the one client it can belong to.
