@@ -1106,7 +1106,13 @@ impl Core {
             self.to_upstream.extend_from_slice(frame);
             self.pending.push(Owner::Reset);
         }
+        let monitoring = matches!(self.state.mode, Mode::Monitor);
         self.state.reset_requests();
+        if monitoring {
+            // Feed lines of commands that ran before RESET still come ahead of its `+RESET`:
+            // the feed ends with that reply, not now (see the reply of `Owner::Reset`).
+            self.state.mode = Mode::Monitor;
+        }
         self.client_authed = self.ctx.listen_password.is_none();
         self.requests.set_unauthenticated(!self.client_authed);
         if let Some(credential) = self.valid_newest() {
@@ -1718,6 +1724,9 @@ impl Core {
             } => self.hello_reply(frame, proto, credential, as_resp2),
             Owner::Reset => {
                 self.to_client.extend_from_slice(frame);
+                if matches!(self.state.mode, Mode::Monitor) {
+                    self.state.mode = Mode::Normal; // the MONITOR feed ended with this reply
+                }
                 self.state.framing = Framing::Resp2;
                 self.state.subs = Default::default();
                 self.own_feed_lines = 0;

@@ -621,6 +621,21 @@ fn monitor_feed_hides_only_the_proxys_own_auth() {
     h.client_gets("+1.5 [0 127.0.0.1:1] \"GET\" \"k\"\r\n+1.7 [0 127.0.0.1:1] \"PING\"\r\n");
 }
 
+/// Found by the differential fuzzer: `RESET` on a `MONITOR` feed. Lines of commands that ran
+/// before it still arrive ahead of its `+RESET`; they are feed lines, not its reply.
+#[test]
+fn reset_ends_a_monitor_feed_with_its_own_reply() {
+    let mut h = H::new();
+    h.client(&[&["MONITOR"], &["RESET"], &["GET", "a"]]);
+    h.server_gets(&[&["MONITOR"]]);
+    h.server_replies(b"+OK\r\n");
+    h.server_gets(&[&["RESET"], &["AUTH", "oid", "token-1"]]);
+    h.server_replies(b"+1.5 [0 127.0.0.1:2] \"SELECT\" \"0\"\r\n+RESET\r\n+OK\r\n");
+    h.server_gets(&[&["GET", "a"]]);
+    h.server_replies(b"$-1\r\n");
+    h.client_gets("+OK\r\n+1.5 [0 127.0.0.1:2] \"SELECT\" \"0\"\r\n+RESET\r\n$-1\r\n");
+}
+
 #[test]
 fn reset_reauthenticates_before_anything_else() {
     let mut h = H::new();
