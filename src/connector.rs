@@ -86,13 +86,16 @@ impl Connector {
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(Ready { stream, credential });
                 }
-                Err(UpstreamError::Auth(_))
-                    if !retried && self.newer_than(&credential).is_some() =>
-                {
-                    retried = true;
-                    credential = self.newer_than(&credential);
-                }
                 Err(e) => {
+                    let newer = match e {
+                        UpstreamError::Auth(_) if !retried => self.newer_than(&credential),
+                        _ => None,
+                    };
+                    if newer.is_some() {
+                        retried = true;
+                        credential = newer;
+                        continue;
+                    }
                     self.metrics
                         .upstream_errors
                         .with_label_values(&[e.kind()])

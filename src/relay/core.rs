@@ -1106,13 +1106,7 @@ impl Core {
             self.to_upstream.extend_from_slice(frame);
             self.pending.push(Owner::Reset);
         }
-        let monitoring = matches!(self.state.mode, Mode::Monitor);
         self.state.reset_requests();
-        if monitoring {
-            // Feed lines of commands that ran before RESET still come ahead of its `+RESET`:
-            // the feed ends with that reply, not now (see the reply of `Owner::Reset`).
-            self.state.mode = Mode::Monitor;
-        }
         self.client_authed = self.ctx.listen_password.is_none();
         self.requests.set_unauthenticated(!self.client_authed);
         if let Some(credential) = self.valid_newest() {

@@ -303,9 +303,13 @@ impl ConnState {
     }
 
     /// What `RESET` leaves behind on the request side (the reply side resets the framing and
-    /// subscriptions when the `RESET` reply arrives).
+    /// subscriptions when the `RESET` reply arrives). A `MONITOR` feed is the exception: lines
+    /// of commands that ran before `RESET` still come ahead of its `+RESET`, so the feed ends
+    /// with that reply, not now.
     pub fn reset_requests(&mut self) {
-        self.mode = Mode::Normal;
+        if !matches!(self.mode, Mode::Monitor) {
+            self.mode = Mode::Normal;
+        }
         self.replies = Replies::On;
         self.asking = false;
         self.self_tracking = false;
