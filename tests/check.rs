@@ -224,13 +224,7 @@ async fn check_shows_the_multiplexing_and_the_command_table_it_decides_from() {
         out.all()
     );
     // A user that may not run COMMAND: nothing could be shared, and check says so.
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("default")
-        .arg("-command")
-        .query_async(&mut setup.redis.admin().await)
-        .await
-        .expect("ACL SETUSER");
+    setup.redis.forbid_command_command().await;
     let out = check(&setup, &["--multiplex", "4", "--cluster", "off"], &[]).await;
     assert_eq!(out.code(), Some(1), "{}", out.all());
     assert!(

@@ -530,17 +530,14 @@ async fn fuzz_lanes(base: u64, count: u64, lanes: usize) {
         // Played once the warm pool is full and the shared connections are open, so that a
         // pin at the first step takes a ready connection.
         let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
-        let ready = support::wait_until_async(Duration::from_secs(20), || async {
-            let body = support::http_get(&format!("http://{admin}/metrics"))
-                .await
-                .body;
-            body.lines().any(|l| l == "redis_proxy_warm_connections 8")
-                && body
-                    .lines()
-                    .any(|l| l == "redis_proxy_multiplex_shared_connections 2")
-        })
+        support::wait_metric(admin, "redis_proxy_warm_connections", 8.0, &proxy).await;
+        support::wait_metric(
+            admin,
+            "redis_proxy_multiplex_shared_connections",
+            2.0,
+            &proxy,
+        )
         .await;
-        assert!(ready, "the proxy did not get ready\n{}", proxy.output());
         let direct = PlainRedis::start().await;
         let plays = scripts.iter().flat_map(|(_, script)| {
             [

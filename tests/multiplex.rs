@@ -10,7 +10,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use support::{ProxyProcess, RespClient, Setup, Value, http_get, metric, wait_until};
+use support::{ProxyProcess, RespClient, Setup, Value, http_get, metric, wait_metric, wait_until};
 
 const LIFETIME: Duration = Duration::from_secs(3);
 
@@ -33,19 +33,8 @@ async fn start(
     let proxy = setup.start_proxy_with(&args, &[]).await;
     let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
     // The shared connections open (and read the command table) on their own.
-    let want = format!("redis_proxy_multiplex_shared_connections {shared}");
-    assert!(
-        support::wait_until_async(Duration::from_secs(20), || async {
-            http_get(&format!("http://{admin}/metrics"))
-                .await
-                .body
-                .lines()
-                .any(|l| l == want)
-        })
-        .await,
-        "shared connections did not open\n{}",
-        proxy.output()
-    );
+    let n = shared as f64;
+    wait_metric(admin, "redis_proxy_multiplex_shared_connections", n, &proxy).await;
     // They are the startup probe too: no connection of its own was opened for it.
     let startup = http_get(&format!("http://{admin}/startup")).await;
     assert_eq!(startup.status, 200, "{}", startup.body);
@@ -219,14 +208,7 @@ async fn connect_time_chatter_of_real_clients_does_not_pin() {
         1.0
     );
     // That first pin woke the warm pool: the next pin finds a ready connection.
-    assert!(
-        support::wait_until_async(Duration::from_secs(10), || async {
-            metric(admin, "redis_proxy_warm_connections").await == 2.0
-        })
-        .await,
-        "{}",
-        proxy.output()
-    );
+    wait_metric(admin, "redis_proxy_warm_connections", 2.0, &proxy).await;
     // 2 + 2 shared (RESP2, RESP3), the pinned client's own, the warm pool's 2.
     assert_eq!(setup.front().connections_open(), 7);
     let open: Vec<u64> = setup
@@ -244,15 +226,9 @@ async fn connect_time_chatter_of_real_clients_does_not_pin() {
         u64::try_from(id).is_ok_and(|id| open.contains(&id)),
         "the second pin's connection ({id}) was one of the warm ones ({open:?})"
     );
-    assert!(
-        support::wait_until_async(Duration::from_secs(10), || async {
-            metric(admin, "redis_proxy_warm_connections").await == 2.0
-                && metric(admin, "redis_proxy_upstream_connections").await == 8.0
-        })
-        .await,
-        "the pool refilled\n{}",
-        proxy.output()
-    );
+    // The pool refilled.
+    wait_metric(admin, "redis_proxy_warm_connections", 2.0, &proxy).await;
+    wait_metric(admin, "redis_proxy_upstream_connections", 8.0, &proxy).await;
 }
 
 /// One client's life: a random mix of shared commands whose replies it can predict, and now
@@ -731,13 +707,7 @@ async fn an_unreachable_cache_is_a_clear_error() {
 #[tokio::test]
 async fn without_the_command_table_every_client_is_pinned_and_served() {
     let setup = Setup::access_key().await;
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("default")
-        .arg("-command")
-        .query_async(&mut setup.redis.admin().await)
-        .await
-        .expect("ACL SETUSER");
+    setup.redis.forbid_command_command().await;
     let proxy = setup
         .start_proxy_with(
             &[

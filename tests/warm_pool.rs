@@ -9,8 +9,10 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
-use support::{EndpointMode, ProxyProcess, RespClient, Setup, Value, metric, wait_until};
+use std::time::Duration;
+use support::{
+    EndpointMode, ProxyProcess, RespClient, Setup, Value, metric, wait_metric, wait_until,
+};
 
 const LIFETIME: Duration = Duration::from_secs(3);
 
@@ -22,23 +24,6 @@ async fn start(pool: usize, extra: &[&str]) -> (Setup, ProxyProcess, SocketAddr)
     let proxy = setup.start_proxy_with(&args, &[]).await;
     let admin = proxy.wait_admin_addr(Duration::from_secs(10)).await;
     (setup, proxy, admin)
-}
-
-/// Waits (bounded) until `series` equals `want`.
-async fn wait_metric(admin: SocketAddr, series: &str, want: f64, proxy: &ProxyProcess) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = metric(admin, series).await;
-        if v == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} = {v}, expected {want}\n--- proxy output ---\n{}",
-            proxy.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Redis connections authenticated with a token (the front maps each token to a `tok-` user).

@@ -83,6 +83,29 @@ pub async fn metric(admin: std::net::SocketAddr, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{body}"))
 }
 
+/// Waits (up to 20 s) until [`metric`] `series` at `admin` is `want`; panics with the value
+/// and the proxy's output otherwise.
+pub async fn wait_metric(
+    admin: std::net::SocketAddr,
+    series: &str,
+    want: f64,
+    proxy: &ProxyProcess,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = metric(admin, series).await;
+        if v == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} = {v}, expected {want}\n--- proxy output ---\n{}",
+            proxy.output()
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 /// Polls `cond` every [`POLL_INTERVAL`] until it returns `true` (→ `true`) or `timeout` has
 /// passed (→ `false`). The condition is always checked at least once, and once more at the end.
 ///

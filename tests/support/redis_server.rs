@@ -241,6 +241,18 @@ impl RedisServer {
         self.try_admin().await.expect("admin connection to redis")
     }
 
+    /// Forbids the access-key user the `COMMAND` command (`ACL SETUSER default -command`): what
+    /// a multiplexing proxy reads its allow-list from.
+    pub async fn forbid_command_command(&self) {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("-command")
+            .query_async(&mut self.admin().await)
+            .await
+            .expect("ACL SETUSER default -command");
+    }
+
     /// Replaces the access keys (`ACL SETUSER default resetpass >k1 >k2 …`), as when a key is
     /// regenerated on Azure. Existing connections stay authenticated, as in Redis.
     pub async fn set_access_keys(&self, keys: &[&str]) {
