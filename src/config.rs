@@ -39,6 +39,12 @@ const DEFAULT_CLUSTER_MAX_NODES: usize = 100;
 const MAX_CLUSTER_NODES: usize = 1000;
 /// Most shared connections `--multiplex` opens (each is a TLS connection and an `AUTH` per token).
 const MAX_MULTIPLEX: usize = 64;
+/// `--multiplex-reply-mib` when not given: eight clients at the 32 MiB one client may leave
+/// unread, so a few slow readers of large values are not closed, yet memory has a bound that
+/// does not grow with the number of clients.
+const DEFAULT_MULTIPLEX_REPLY_MIB: usize = 256;
+/// The largest `--multiplex-reply-mib` accepted (1 TiB: no bound in practice).
+const MAX_MULTIPLEX_REPLY_MIB: usize = 1024 * 1024;
 /// `--cluster-refresh` when not given.
 const DEFAULT_CLUSTER_REFRESH: Duration = Duration::from_secs(10);
 /// A new token is fetched once this fraction of the current one's lifetime has passed.
@@ -167,6 +173,9 @@ pub struct Config {
     /// `--multiplex N`: clients share N upstream connections until they need one of their own
     /// (0: every client has its own, the default). See `crate::mux`.
     pub multiplex: usize,
+    /// `--multiplex-reply-mib`, in bytes: the unread replies of all shared clients together
+    /// before those holding the most are closed.
+    pub multiplex_reply_limit: usize,
     /// Health and metrics HTTP endpoint; `None` when `off`.
     pub admin_listen: Option<String>,
     /// Where `POST /quitquitquit` is served: never where the pod network can reach it.
@@ -356,6 +365,10 @@ impl Config {
         }
         if self.multiplex > 0 {
             parts.push(format!("multiplex={}", self.multiplex));
+            parts.push(format!(
+                "multiplex_reply_mib={}",
+                self.multiplex_reply_limit / (1024 * 1024)
+            ));
         }
         if self.cluster.mode == ClusterMode::On {
             parts.push(format!("cluster=on {}", self.cluster.describe()));
@@ -815,6 +828,10 @@ struct ClientArgs {
     /// state; 0 = off [env: REDIS_PROXY_MULTIPLEX] [default: 0]
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     multiplex: Option<String>,
+    /// With --multiplex: MiB of replies all shared clients together may leave unread before
+    /// those holding the most are closed [env: REDIS_PROXY_MULTIPLEX_REPLY_MIB] [default: 256]
+    #[arg(long, value_name = "MIB", allow_negative_numbers = true)]
+    multiplex_reply_mib: Option<String>,
 }
 
 /// The cluster mode: a local listener per node of an OSS-clustered cache.
@@ -925,6 +942,7 @@ options! {
     MAX_CONNECTIONS = "--max-connections", "REDIS_PROXY_MAX_CONNECTIONS", Shown;
     WARM_CONNECTIONS = "--warm-connections", "REDIS_PROXY_WARM_CONNECTIONS", Shown;
     MULTIPLEX = "--multiplex", "REDIS_PROXY_MULTIPLEX", Shown;
+    MULTIPLEX_REPLY_MIB = "--multiplex-reply-mib", "REDIS_PROXY_MULTIPLEX_REPLY_MIB", Shown;
     CLUSTER = "--cluster", "REDIS_PROXY_CLUSTER", Shown;
     CLUSTER_PORTS = "--cluster-ports", "REDIS_PROXY_CLUSTER_PORTS", Shown;
     CLUSTER_MAX_NODES = "--cluster-max-nodes", "REDIS_PROXY_CLUSTER_MAX_NODES", Shown;
@@ -1245,6 +1263,14 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             "a number of shared connections from 0 (off) to 64",
         )?
         .unwrap_or(0);
+    let multiplex_reply_mib = lookup
+        .parse(
+            &clients.multiplex_reply_mib,
+            MULTIPLEX_REPLY_MIB,
+            |v| parse_number::<usize>(v).filter(|n| (1..=MAX_MULTIPLEX_REPLY_MIB).contains(n)),
+            "a number of MiB from 1 to 1048576",
+        )?
+        .unwrap_or(DEFAULT_MULTIPLEX_REPLY_MIB);
     let warm = lookup.parse(
         &clients.warm_connections,
         WARM_CONNECTIONS,
@@ -1324,6 +1350,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         cluster,
         multiplex,
+        multiplex_reply_limit: multiplex_reply_mib.saturating_mul(1024 * 1024),
         warnings,
     })
 }
@@ -3373,6 +3400,39 @@ mod tests {
             args.extend_from_slice(cluster);
             let e = error(&args, &[]);
             assert!(e.contains("--multiplex needs --cluster off"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_multiplexed_reply_bound_defaults_to_256_mib_and_refuses_nonsense() {
+        let mux = [
+            "--upstream",
+            "cache.example",
+            "--multiplex",
+            "4",
+            "--cluster",
+            "off",
+        ];
+        let c = config(&mux, &[]);
+        assert_eq!(c.multiplex_reply_limit, 256 * 1024 * 1024);
+        assert!(
+            c.describe().contains("multiplex_reply_mib=256"),
+            "{}",
+            c.describe()
+        );
+        let mut args = mux.to_vec();
+        args.extend(["--multiplex-reply-mib", "16"]);
+        assert_eq!(config(&args, &[]).multiplex_reply_limit, 16 * 1024 * 1024);
+        let c = config(&mux, &[("REDIS_PROXY_MULTIPLEX_REPLY_MIB", "1024")]);
+        assert_eq!(c.multiplex_reply_limit, 1024 * 1024 * 1024);
+        for bad in ["0", "-5", "lots", "1048577"] {
+            let mut args = mux.to_vec();
+            args.extend(["--multiplex-reply-mib", bad]);
+            let e = error(&args, &[]);
+            assert!(
+                e.contains("--multiplex-reply-mib") && e.contains("from 1 to 1048576"),
+                "{e}"
+            );
         }
     }
 

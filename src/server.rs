@@ -130,6 +130,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let mux = (config.multiplex > 0).then(|| {
         Multiplexer::start(
             config.multiplex,
+            config.multiplex_reply_limit,
             connector.clone(),
             config.database,
             config.listen_password.clone(),

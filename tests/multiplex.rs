@@ -449,6 +449,56 @@ async fn a_client_that_does_not_read_is_closed_alone_and_others_go_on() {
     );
 }
 
+/// Every client's replies together are bounded as well: three clients that each leave 30 MiB
+/// unread (under the 32 MiB one client may hold) pass `--multiplex-reply-mib 16` and are
+/// closed, while one that reads the same large values beside them is served to the end.
+#[tokio::test]
+async fn past_the_process_wide_reply_bound_the_non_readers_are_closed_not_the_reader() {
+    let (_setup, proxy, admin) = start(LIFETIME, 1, &["--multiplex-reply-mib", "16"]).await;
+    let mut setter = RespClient::connect(proxy.addr()).await;
+    let big = "x".repeat(1024 * 1024);
+    assert_eq!(setter.cmd(&["SET", "big", &big]).await, Value::ok());
+    let get = support::resp::encode_command(&["GET", "big"]);
+    let burst: Vec<u8> = get.iter().copied().cycle().take(get.len() * 30).collect();
+    let mut sluggards = Vec::new();
+    for _ in 0..3 {
+        let mut sluggard = RespClient::connect(proxy.addr()).await;
+        sluggard.send_raw(&burst).await;
+        sluggards.push(sluggard);
+    }
+    let mut reader = RespClient::connect(proxy.addr()).await;
+    for _ in 0..30 {
+        assert_eq!(reader.cmd(&["GET", "big"]).await, Value::bulk(&big));
+    }
+    wait_metric(
+        admin,
+        "redis_proxy_client_rejections_total{reason=\"output_buffer\"}",
+        3.0,
+        &proxy,
+    )
+    .await;
+    for mut sluggard in sluggards {
+        let mut replies = 0;
+        while sluggard.try_read(Duration::from_secs(5)).await.is_ok() {
+            replies += 1;
+        }
+        assert!(replies < 30, "a non-reader got all {replies} replies");
+    }
+    // The reader is still served, and nobody else was closed.
+    assert_eq!(
+        reader.cmd(&["STRLEN", "big"]).await,
+        Value::Int(1024 * 1024)
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "redis_proxy_client_rejections_total{reason=\"output_buffer\"}"
+        )
+        .await,
+        3.0
+    );
+}
+
 #[tokio::test]
 async fn a_broken_shared_connection_fails_only_the_commands_in_flight() {
     let (setup, proxy, admin) = start(LIFETIME, 1, &[]).await;

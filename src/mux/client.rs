@@ -39,7 +39,7 @@ const BAD_NAME: &[u8] =
     b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n";
 const NULL: &[u8] = b"$-1\r\n";
 /// Why a client that does not read its replies is closed.
-pub const OVERFLOW: &str = "it left more replies unread than a shared connection holds for it";
+pub const OVERFLOW: &str = "it left more replies unread than the proxy holds for it (32 MiB, or 1 MiB once all shared clients together pass --multiplex-reply-mib)";
 
 /// A reply the client is owed, in order.
 #[derive(Debug)]

@@ -18,7 +18,11 @@
 //!
 //! Isolation: the task never waits for a client. A client that does not read lets its
 //! replies pile up in its [`Mailbox`] up to [`CLIENT_REPLY_LIMIT`]; beyond that its further
-//! replies are dropped and [`Mailbox::overflow`] tells its own task to close it.
+//! replies are dropped and [`Mailbox::overflow`] tells its own task to close it. All clients'
+//! unread replies together are bounded too ([`ReplyBudget`], `--multiplex-reply-mib`): a
+//! delivery that would pass that bound first closes the clients holding the most (only those
+//! holding at least [`FAIR_UNREAD`]), so memory is bounded by the process, not by 32 MiB times
+//! the number of clients, and a client that reads is not the one closed.
 //! When the connection breaks, each command in flight is answered with one clear error
 //! ([`Delivery::Failed`]), except for a client whose reply was half forwarded (its stream can't
 //! be repaired: [`Delivery::Broken`] closes it); then the task reconnects.
@@ -39,8 +43,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWrite;
@@ -50,6 +54,10 @@ use tokio_util::sync::CancellationToken;
 /// Reply bytes a client may leave unread before it is disconnected (Redis's own default for
 /// normal clients has no limit; a shared connection can't wait for anyone, so this one has).
 pub const CLIENT_REPLY_LIMIT: usize = 32 * 1024 * 1024;
+/// Unread reply bytes a client may hold without being among those closed when all clients
+/// together pass the process-wide bound ([`ReplyBudget`]). A client that reads holds at most a
+/// few read chunks (it takes its deliveries as fast as its socket drains).
+pub const FAIR_UNREAD: usize = 1024 * 1024;
 /// Gatherings of commands written and not yet fully answered before the next waits: what
 /// arrives meanwhile is gathered into one write. See the module documentation.
 const MAX_WRITES_IN_FLIGHT: usize = 2;
@@ -95,19 +103,86 @@ pub struct Mailbox {
     /// Cancelled at the same moment: the client's task is woken by it even while it takes no
     /// deliveries (it takes none while its client isn't reading, which is how it got here).
     overflow: CancellationToken,
+    /// The process-wide bound, which counts `queued` too.
+    budget: Arc<ReplyBudget>,
+}
+
+/// The process-wide bound on unread replies of all multiplexed clients together
+/// (`--multiplex-reply-mib`). Every byte in a [`Mailbox`]'s `queued` is counted here as well;
+/// the lock is taken when a client arrives and when the bound is passed, never per command.
+#[derive(Debug)]
+pub struct ReplyBudget {
+    limit: usize,
+    queued: AtomicUsize,
+    registry: Mutex<Registry>,
+}
+
+/// Every client's mailbox, to find the ones holding the most.
+#[derive(Debug, Default)]
+struct Registry {
+    mailboxes: Vec<Weak<Mailbox>>,
+    /// Entries after the last sweep of departed clients.
+    after_sweep: usize,
+}
+
+impl ReplyBudget {
+    /// A bound of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<ReplyBudget> {
+        Arc::new(ReplyBudget {
+            limit,
+            queued: AtomicUsize::new(0),
+            registry: Mutex::new(Registry::default()),
+        })
+    }
+
+    /// Unread reply bytes of all clients now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    fn register(&self, mailbox: &Arc<Mailbox>) {
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        registry.mailboxes.push(Arc::downgrade(mailbox));
+        if registry.mailboxes.len() > 2 * registry.after_sweep.max(32) {
+            registry.mailboxes.retain(|m| m.strong_count() > 0);
+            registry.after_sweep = registry.mailboxes.len();
+        }
+    }
+
+    /// Room for `n` more bytes: closes the clients holding the most, largest first, while the
+    /// bound would be passed and one holds at least [`FAIR_UNREAD`]. What is left over the
+    /// bound then sits with clients holding less than that each (the per-connection memory
+    /// that `--max-connections` bounds).
+    fn make_room(&self, n: usize) {
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        while self.queued() + n > self.limit {
+            let largest = registry
+                .mailboxes
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|m| !m.overflowed.load(Ordering::Relaxed))
+                .max_by_key(|m| m.queued.load(Ordering::Relaxed));
+            match largest {
+                Some(m) if m.queued.load(Ordering::Relaxed) >= FAIR_UNREAD => m.close_for_unread(),
+                _ => break,
+            }
+        }
+    }
 }
 
 impl Mailbox {
-    /// A mailbox and the receiving end the client's task reads.
-    pub fn new() -> (Arc<Mailbox>, mpsc::UnboundedReceiver<Delivery>) {
+    /// A mailbox counted in `budget`, and the receiving end the client's task reads.
+    pub fn new(budget: &Arc<ReplyBudget>) -> (Arc<Mailbox>, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mailbox = Mailbox {
+        let mailbox = Arc::new(Mailbox {
             tx,
             queued: AtomicUsize::new(0),
             overflowed: AtomicBool::new(false),
             overflow: CancellationToken::new(),
-        };
-        (Arc::new(mailbox), rx)
+            budget: budget.clone(),
+        });
+        budget.register(&mailbox);
+        (mailbox, rx)
     }
 
     /// Cancelled once the client left more than [`CLIENT_REPLY_LIMIT`] unread.
@@ -117,7 +192,27 @@ impl Mailbox {
 
     /// The client's task took `n` delivered bytes.
     pub fn taken(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::Relaxed);
+        self.release(n);
+    }
+
+    /// `n` bytes (at most what is counted) are no longer unread, here and in the budget.
+    fn release(&self, n: usize) {
+        let held = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                Some(q.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        self.budget.queued.fetch_sub(held.min(n), Ordering::Relaxed);
+    }
+
+    /// Marks the client to be closed: nothing more is delivered, and what it holds no longer
+    /// counts (it is dropped with the client's task).
+    fn close_for_unread(&self) {
+        self.overflowed.store(true, Ordering::Relaxed);
+        let held = self.queued.swap(0, Ordering::Relaxed);
+        self.budget.queued.fetch_sub(held, Ordering::Relaxed);
+        self.overflow.cancel();
     }
 
     fn deliver(&self, bytes: Bytes, complete: u32) {
@@ -126,13 +221,19 @@ impl Mailbox {
         }
         let n = bytes.len();
         if self.queued.load(Ordering::Relaxed) + n > CLIENT_REPLY_LIMIT {
-            self.overflowed.store(true, Ordering::Relaxed);
-            self.overflow.cancel();
+            self.close_for_unread();
             return;
         }
+        if self.budget.queued() + n > self.budget.limit {
+            self.budget.make_room(n);
+            if self.overflowed.load(Ordering::Relaxed) {
+                return; // this client was among those holding the most
+            }
+        }
         self.queued.fetch_add(n, Ordering::Relaxed);
+        self.budget.queued.fetch_add(n, Ordering::Relaxed);
         if self.tx.send(Delivery::Replies { bytes, complete }).is_err() {
-            self.queued.fetch_sub(n, Ordering::Relaxed); // the client has gone
+            self.release(n); // the client has gone
         }
     }
 
@@ -141,6 +242,14 @@ impl Mailbox {
             count,
             error: error.clone(),
         });
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        // Deliveries the client's task never took go with it.
+        let held = self.queued.swap(0, Ordering::Relaxed);
+        self.budget.queued.fetch_sub(held, Ordering::Relaxed);
     }
 }
 
@@ -642,5 +751,91 @@ fn answered(unanswered: &mut VecDeque<u32>) {
         if *front == 0 {
             unanswered.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The reply bounds, per client and process-wide, driven through [`Mailbox::deliver`].
+
+    use super::*;
+
+    const MIB: usize = 1024 * 1024;
+
+    fn chunk(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    /// Delivers `mib` MiB to `mailbox` in 64-KiB chunks (as a shared connection reads them).
+    fn deliver_mib(mailbox: &Mailbox, mib: usize) {
+        for _ in 0..mib * 16 {
+            mailbox.deliver(chunk(64 * 1024), 0);
+        }
+    }
+
+    fn closed(mailbox: &Mailbox) -> bool {
+        mailbox.overflow().is_cancelled()
+    }
+
+    #[test]
+    fn one_client_is_closed_past_its_own_limit_whatever_the_budget() {
+        let budget = ReplyBudget::new(usize::MAX);
+        let (sluggard, _rx) = Mailbox::new(&budget);
+        deliver_mib(&sluggard, 32);
+        assert!(!closed(&sluggard));
+        sluggard.deliver(chunk(1), 1);
+        assert!(closed(&sluggard));
+        // What it held no longer counts.
+        assert_eq!(budget.queued(), 0);
+    }
+
+    #[test]
+    fn past_the_budget_the_clients_holding_the_most_are_closed_not_the_one_that_reads() {
+        let budget = ReplyBudget::new(8 * MIB);
+        let (a, _ra) = Mailbox::new(&budget);
+        let (b, _rb) = Mailbox::new(&budget);
+        let (c, _rc) = Mailbox::new(&budget);
+        let (reader, mut rr) = Mailbox::new(&budget);
+        deliver_mib(&a, 5);
+        deliver_mib(&b, 5); // passes 8 MiB: a (5 MiB) is closed, b goes on
+        assert!(closed(&a) && !closed(&b));
+        deliver_mib(&c, 5); // passes it again: b is now the largest
+        assert!(closed(&b) && !closed(&c));
+        assert_eq!(budget.queued(), 5 * MIB);
+        // A client that takes what it gets is never the one closed, however much goes through.
+        for _ in 0..1000 {
+            reader.deliver(chunk(64 * 1024), 1);
+            while let Ok(Delivery::Replies { bytes, .. }) = rr.try_recv() {
+                reader.taken(bytes.len());
+            }
+        }
+        assert!(!closed(&reader) && !closed(&c));
+        assert!(budget.queued() <= 8 * MIB, "{}", budget.queued());
+    }
+
+    #[test]
+    fn small_holders_are_not_closed_and_the_bound_is_passed_only_by_them() {
+        let budget = ReplyBudget::new(2 * MIB);
+        let clients: Vec<_> = (0..8).map(|_| Mailbox::new(&budget)).collect();
+        for (m, _) in &clients {
+            for _ in 0..8 {
+                m.deliver(chunk(64 * 1024), 1); // 512 KiB each: below FAIR_UNREAD
+            }
+        }
+        assert!(clients.iter().all(|(m, _)| !closed(m)));
+        assert_eq!(budget.queued(), 4 * MIB);
+    }
+
+    #[test]
+    fn a_departed_client_gives_back_what_it_held() {
+        let budget = ReplyBudget::new(usize::MAX);
+        let (m, rx) = Mailbox::new(&budget);
+        deliver_mib(&m, 3);
+        assert_eq!(budget.queued(), 3 * MIB);
+        drop(rx);
+        m.deliver(chunk(10), 1); // sent to nobody: not counted
+        assert_eq!(budget.queued(), 3 * MIB);
+        drop(m);
+        assert_eq!(budget.queued(), 0);
     }
 }

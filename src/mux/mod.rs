@@ -31,7 +31,7 @@ use crate::connector::Connector;
 use crate::metrics::{Counting, Metrics};
 use crate::relay::SessionEnd;
 use client::{ClientCore, Handoff, Next};
-use conn::{Batch, Mailbox};
+use conn::{Batch, Mailbox, ReplyBudget};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -56,6 +56,8 @@ pub struct Shared {
     id_base: u64,
     /// Started (`/startup`) once the first shared connection is authenticated.
     health: Arc<crate::health::Health>,
+    /// All shared clients' unread replies together (`--multiplex-reply-mib`).
+    budget: Arc<ReplyBudget>,
 }
 
 impl Shared {
@@ -107,8 +109,10 @@ pub enum Outcome<C> {
 
 impl Multiplexer {
     /// Starts `n` shared connections (each connects, and reconnects, on its own) until `stop`.
+    /// Shared clients' unread replies are bounded by `reply_limit` bytes all together.
     pub fn start(
         n: usize,
+        reply_limit: usize,
         connector: Arc<Connector>,
         database: u32,
         listen_password: Option<crate::secret::Secret>,
@@ -131,6 +135,7 @@ impl Multiplexer {
             // Client ids count up from 1; these sit at the top of the range.
             id_base: u64::MAX - 1024,
             health,
+            budget: ReplyBudget::new(reply_limit),
         });
         let resp2 = spawn_group(n, 0, Protocol::Resp2, &shared, &stop);
         Multiplexer {
@@ -174,7 +179,7 @@ impl Multiplexer {
         let mut _on_conn = Counted::new(handle.clients.clone());
         let metrics = &self.shared.metrics;
         let _shared_gauge = Counting::new(&metrics.mux_shared_clients);
-        let (mailbox, mut rx) = Mailbox::new();
+        let (mailbox, mut rx) = Mailbox::new(&self.shared.budget);
         // A child of the process-wide token, as the 1:1 session waits on: polling it each turn
         // then touches this client's own waiter list, not the one every client shares.
         let shutdown = shutdown.child_token();

@@ -2,7 +2,7 @@
 //! and that replies come back in order whatever mix of shared and local answers.
 
 use super::*;
-use crate::mux::conn::Mailbox;
+use crate::mux::conn::{Mailbox, ReplyBudget};
 
 /// A table with the commands these tests use, flagged as Redis 7.0 flags them.
 fn table() -> Arc<CommandTable> {
@@ -48,7 +48,7 @@ fn output(core: &mut ClientCore) -> Vec<u8> {
 
 #[test]
 fn consecutive_shared_commands_go_as_one_batch_of_the_clients_own_bytes() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let input = [cmd(&["SET", "k", "v"]), cmd(&["GET", "k"]), cmd(&["PING"])].concat();
     let sent = feed(&mut c, &mailbox, &input);
@@ -62,7 +62,7 @@ fn consecutive_shared_commands_go_as_one_batch_of_the_clients_own_bytes() {
 
 #[test]
 fn a_command_split_anywhere_is_sent_once_whole() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let input = [cmd(&["SET", "key", "value"]), cmd(&["GET", "key"])].concat();
     for cut in 0..input.len() {
         let mut c = core(None);
@@ -76,7 +76,7 @@ fn a_command_split_anywhere_is_sent_once_whole() {
 
 #[test]
 fn local_answers_wait_behind_the_shared_replies_owed() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let input = [
         cmd(&["GET", "a"]),
@@ -98,7 +98,7 @@ fn local_answers_wait_behind_the_shared_replies_owed() {
 
 #[test]
 fn a_pinning_command_stops_the_pipeline_and_is_first_in_the_handoff() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let tail = [cmd(&["MULTI"]), cmd(&["SET", "x", "1"]), cmd(&["EXEC"])].concat();
     let input = [
@@ -140,13 +140,13 @@ fn what_pins_and_why() {
         (&["NOSUCH"], PinReason::Other),
     ];
     for (args, reason) in cases {
-        let (mailbox, _rx) = Mailbox::new();
+        let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
         let mut c = core(None);
         assert!(feed(&mut c, &mailbox, &cmd(args)).is_empty(), "{args:?}");
         assert_eq!(c.next(), Next::Pin(*reason), "{args:?}");
         assert!(c.idle());
     }
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     assert!(feed(&mut c, &mailbox, b"GET a\r\n").is_empty());
     assert_eq!(c.next(), Next::Pin(PinReason::Inline));
@@ -154,7 +154,7 @@ fn what_pins_and_why() {
 
 #[test]
 fn hello_3_moves_the_client_to_resp3_once_nothing_is_owed_and_is_shared_there() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let hello = cmd(&["HELLO", "3"]);
     let sent = feed(
@@ -190,7 +190,7 @@ fn hello_3_moves_the_client_to_resp3_once_nothing_is_owed_and_is_shared_there() 
 
 #[test]
 fn chatter_is_answered_or_shared_without_pinning() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let input = [
         cmd(&["AUTH", "anything"]),
@@ -218,7 +218,7 @@ fn chatter_is_answered_or_shared_without_pinning() {
 
 #[test]
 fn empty_commands_are_ignored_as_redis_ignores_them_and_quit_closes_after_replies() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let sent = feed(&mut c, &mailbox, b"\r\n*0\r\n*-1\r\n");
     assert!(sent.is_empty());
@@ -237,7 +237,7 @@ fn empty_commands_are_ignored_as_redis_ignores_them_and_quit_closes_after_replie
 
 #[test]
 fn malformed_input_gets_redis_error_after_the_replies_owed_then_closes() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let sent = feed(
         &mut c,
@@ -255,7 +255,7 @@ fn malformed_input_gets_redis_error_after_the_replies_owed_then_closes() {
 
 #[test]
 fn a_command_too_large_to_share_pins_with_its_bytes_kept() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let big = cmd(&["SET", "k", &"x".repeat(MAX_SHARED_COMMAND + 10)]);
     let sent = feed(&mut c, &mailbox, &big[..MAX_SHARED_COMMAND + 5]);
@@ -266,7 +266,7 @@ fn a_command_too_large_to_share_pins_with_its_bytes_kept() {
 
 #[test]
 fn a_declared_length_too_large_to_share_pins_at_once() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     let head = b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$2000000000\r\n";
     let sent = feed(&mut c, &mailbox, &[cmd(&["PING"]), head.to_vec()].concat());
@@ -283,7 +283,7 @@ fn a_declared_length_too_large_to_share_pins_at_once() {
 
 #[test]
 fn failed_commands_get_one_error_each_in_order() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(None);
     feed(
         &mut c,
@@ -308,7 +308,7 @@ fn failed_commands_get_one_error_each_in_order() {
 
 #[test]
 fn the_listen_password_is_checked_here_and_anything_else_first_pins_without_an_upstream() {
-    let (mailbox, _rx) = Mailbox::new();
+    let (mailbox, _rx) = Mailbox::new(&ReplyBudget::new(usize::MAX));
     let mut c = core(Some("secret"));
     assert!(feed(&mut c, &mailbox, &cmd(&["AUTH", "secret"])).is_empty());
     assert_eq!(output(&mut c), b"+OK\r\n");
