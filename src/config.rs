@@ -1108,6 +1108,11 @@ fn parse_number<T: std::str::FromStr>(value: &str) -> Option<T> {
     value.parse().ok()
 }
 
+/// A parser of a number within `range` (the bounds of a count option).
+fn number_in(range: std::ops::RangeInclusive<usize>) -> impl Fn(&str) -> Option<usize> {
+    move |value| parse_number(value).filter(|n| range.contains(n))
+}
+
 /// A port that can be dialled: 1-65535.
 fn parse_port(value: &str) -> Option<u16> {
     value.parse().ok().filter(|port| *port != 0)
@@ -1259,7 +1264,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         .parse(
             &clients.multiplex,
             MULTIPLEX,
-            |v| parse_number::<usize>(v).filter(|n| *n <= MAX_MULTIPLEX),
+            number_in(0..=MAX_MULTIPLEX),
             "a number of shared connections from 0 (off) to 64",
         )?
         .unwrap_or(0);
@@ -1267,7 +1272,7 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
         .parse(
             &clients.multiplex_reply_mib,
             MULTIPLEX_REPLY_MIB,
-            |v| parse_number::<usize>(v).filter(|n| (1..=MAX_MULTIPLEX_REPLY_MIB).contains(n)),
+            number_in(1..=MAX_MULTIPLEX_REPLY_MIB),
             "a number of MiB from 1 to 1048576",
         )?
         .unwrap_or(DEFAULT_MULTIPLEX_REPLY_MIB);
@@ -1376,7 +1381,7 @@ fn cluster_config(
         .parse(
             &args.cluster_max_nodes,
             CLUSTER_MAX_NODES,
-            |v| parse_number::<usize>(v).filter(|n| (1..=MAX_CLUSTER_NODES).contains(n)),
+            number_in(1..=MAX_CLUSTER_NODES),
             "a number of nodes from 1 to 1000",
         )?
         .unwrap_or(DEFAULT_CLUSTER_MAX_NODES);
