@@ -44,7 +44,7 @@ const MAX_MULTIPLEX: usize = 64;
 /// does not grow with the number of clients.
 const DEFAULT_MULTIPLEX_REPLY_MIB: usize = 256;
 /// The largest `--multiplex-reply-mib` accepted (1 TiB: no bound in practice).
-const MAX_MULTIPLEX_REPLY_MIB: usize = 1024 * 1024;
+pub(crate) const MAX_MULTIPLEX_REPLY_MIB: usize = 1024 * 1024;
 /// `--cluster-refresh` when not given.
 const DEFAULT_CLUSTER_REFRESH: Duration = Duration::from_secs(10);
 /// A new token is fetched once this fraction of the current one's lifetime has passed.

@@ -1185,14 +1185,13 @@ fn mux_answer(annotations: &[(&str, &str)], ports: &[u16], defaults: &Options) -
         .iter()
         .filter_map(|e| {
             let name = e["name"].as_str()?;
-            (name.starts_with("REDIS_PROXY_CLUSTER") || name == "REDIS_PROXY_MULTIPLEX").then(
-                || {
+            (name.starts_with("REDIS_PROXY_CLUSTER") || name.starts_with("REDIS_PROXY_MULTIPLEX"))
+                .then(|| {
                     (
                         name.to_string(),
                         e["value"].as_str().unwrap_or("").to_string(),
                     )
-                },
-            )
+                })
         })
         .collect();
     (response, env)
@@ -1214,11 +1213,19 @@ fn the_multiplex_annotation_becomes_the_sidecars_env_with_the_cluster_mode_off()
         sidecars(&pod)[0]["env"],
         json!([
             {"name": "REDIS_PROXY_CLUSTER", "value": "off"},
-            {"name": "REDIS_PROXY_MULTIPLEX", "value": "4"}
+            {"name": "REDIS_PROXY_MULTIPLEX", "value": "4"},
+            {"name": "REDIS_PROXY_MULTIPLEX_REPLY_MIB", "value": "32"}
         ])
     );
     // 0 (off) passes nothing, as does no annotation; 64 is the most; an explicit off stays.
-    let off_with = |n: &str| pairs(&[("REDIS_PROXY_CLUSTER", "off"), ("REDIS_PROXY_MULTIPLEX", n)]);
+    // The reply bound is a quarter of the default 128Mi limit.
+    let off_with = |n: &str| {
+        pairs(&[
+            ("REDIS_PROXY_CLUSTER", "off"),
+            ("REDIS_PROXY_MULTIPLEX", n),
+            ("REDIS_PROXY_MULTIPLEX_REPLY_MIB", "32"),
+        ])
+    };
     let cases: &[(&[(&str, &str)], Env)] = &[
         (&[("multiplex", "0")], pairs(&[])),
         (&[], pairs(&[])),
@@ -1302,7 +1309,8 @@ fn multiplex_with_the_cluster_mode_on_or_auto_is_refused_naming_both_annotations
         env,
         pairs(&[
             ("REDIS_PROXY_CLUSTER", "off"),
-            ("REDIS_PROXY_MULTIPLEX", "2")
+            ("REDIS_PROXY_MULTIPLEX", "2"),
+            ("REDIS_PROXY_MULTIPLEX_REPLY_MIB", "32")
         ])
     );
 }

@@ -11,7 +11,9 @@
 //! Errors quote the offending value: annotations and chart values hold no secrets (the access
 //! key stays in its Kubernetes Secret; only the Secret's *name* is an option).
 
-use crate::config::{ListenAddr, is_loopback, parse_bind_address, parse_host_port};
+use crate::config::{
+    ListenAddr, MAX_MULTIPLEX_REPLY_MIB, is_loopback, parse_bind_address, parse_host_port,
+};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -53,6 +55,21 @@ pub const PROCESS_RESERVE: u64 = 16 * 1024 * 1024;
 /// The chart's gateway template computes the same (`rep.maxConnections`).
 pub fn max_connections_for(memory_limit: u64) -> u64 {
     (memory_limit.saturating_sub(PROCESS_RESERVE) / CONNECTION_WORST_CASE).max(1)
+}
+
+/// The part of the memory limit given to multiplexed clients' unread replies when `multiplex`
+/// is above 0: one in this many bytes. Without a bound of its own the proxy allows 256 MiB of
+/// them, twice the default limit; a quarter leaves the rest to [`max_connections_for`], so the
+/// default `128Mi` holds 32 MiB of unread replies beside 40 connections in their costliest state.
+const MULTIPLEX_REPLY_SHARE: u64 = 4;
+
+/// One mebibyte, the unit of `--multiplex-reply-mib`.
+const MIB: u64 = 1024 * 1024;
+
+/// The sidecar's `--multiplex-reply-mib` for `memory_limit` bytes: a
+/// [`MULTIPLEX_REPLY_SHARE`]th of it, in whole MiB, from 1 to the most the proxy takes.
+pub fn multiplex_reply_mib_for(memory_limit: u64) -> u64 {
+    (memory_limit / MULTIPLEX_REPLY_SHARE / MIB).clamp(1, MAX_MULTIPLEX_REPLY_MIB as u64)
 }
 
 /// The image used when neither the chart nor the pod names one: this very version.
@@ -544,6 +561,9 @@ impl Options {
         if let Some(multiplex) = self.multiplex.filter(|n| *n > 0) {
             env.push(json!({"name": "REDIS_PROXY_MULTIPLEX", "value": multiplex.to_string()}));
         }
+        if let Some(mib) = self.multiplex_reply_mib() {
+            env.push(json!({"name": "REDIS_PROXY_MULTIPLEX_REPLY_MIB", "value": mib.to_string()}));
+        }
         if !env.is_empty() {
             extend(&mut container, json!({ "env": env }));
         }
@@ -585,14 +605,29 @@ impl Options {
     }
 
     /// The sidecar's `--max-connections` (0: no limit): the annotation's or the chart's value,
-    /// else what the memory limit allows ([`max_connections_for`]), else no limit.
+    /// else what the memory limit allows ([`max_connections_for`]) once the multiplexed reply
+    /// bound ([`Options::multiplex_reply_mib`]) is taken out of it, else no limit.
     pub fn max_connections(&self) -> u64 {
         self.max_connections.unwrap_or_else(|| {
-            let limit = self.resources.limits.get("memory");
-            limit
-                .and_then(|quantity| quantity_value(quantity))
-                .map_or(0, |bytes| max_connections_for(bytes as u64))
+            let replies = self.multiplex_reply_mib().unwrap_or(0) * MIB;
+            self.memory_limit().map_or(0, |bytes| {
+                max_connections_for(bytes.saturating_sub(replies))
+            })
         })
+    }
+
+    /// The sidecar's `REDIS_PROXY_MULTIPLEX_REPLY_MIB`: with `multiplex` above 0 and a memory
+    /// limit, a quarter of the limit ([`multiplex_reply_mib_for`]); otherwise none, and the
+    /// proxy's own default (256 MiB) applies, which is what a pod without a limit has asked for.
+    pub fn multiplex_reply_mib(&self) -> Option<u64> {
+        self.multiplex.filter(|n| *n > 0)?;
+        self.memory_limit().map(multiplex_reply_mib_for)
+    }
+
+    /// The sidecar's memory limit in bytes, when it has one.
+    fn memory_limit(&self) -> Option<u64> {
+        let limit = self.resources.limits.get("memory")?;
+        quantity_value(limit).map(|bytes| bytes as u64)
     }
 
     /// The TCP ports the sidecar binds (admin, control, listen), to compare with the app's.
@@ -1150,6 +1185,58 @@ mod tests {
         assert_eq!(unlimited.max_connections(), 0);
         let error = with(&[("max-connections", "-1")]).expect_err("negative");
         assert!(error.contains("is not a number of connections"), "{error}");
+    }
+
+    #[test]
+    fn multiplexing_takes_a_quarter_of_the_memory_limit_for_unread_replies() {
+        let reply_bound = |options: &Options| {
+            let env = options.container()["env"].clone();
+            let env = env.as_array().cloned().unwrap_or_default();
+            env.iter()
+                .find(|entry| entry["name"] == "REDIS_PROXY_MULTIPLEX_REPLY_MIB")
+                .map(|entry| entry["value"].clone())
+        };
+        let default = with(&[("multiplex", "4")]).expect("valid");
+        assert_eq!(default.multiplex_reply_mib(), Some(32));
+        assert_eq!(reply_bound(&default), Some(json!("32")));
+        // (128 − 32 − 16) MiB / 2 MiB: the bound comes out of the connections' share.
+        assert_eq!(default.max_connections(), 40);
+        let big = with(&[("multiplex", "4"), ("memory-limit", "1Gi")]).expect("valid");
+        assert_eq!(
+            (big.multiplex_reply_mib(), big.max_connections()),
+            (Some(256), 376)
+        );
+        let tiny = with(&[
+            ("multiplex", "4"),
+            ("memory-request", "2Mi"),
+            ("memory-limit", "2Mi"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            (tiny.multiplex_reply_mib(), tiny.max_connections()),
+            (Some(1), 1)
+        );
+        assert_eq!(
+            multiplex_reply_mib_for(u64::MAX),
+            1024 * 1024,
+            "the proxy's largest"
+        );
+        // A set max-connections is kept; the reply bound still follows the limit.
+        let set = with(&[("multiplex", "4"), ("max-connections", "300")]).expect("valid");
+        assert_eq!(
+            (set.multiplex_reply_mib(), set.max_connections()),
+            (Some(32), 300)
+        );
+        // Without multiplexing, or without a limit, nothing is passed.
+        let off = with(&[("multiplex", "0")]).expect("valid");
+        assert_eq!((reply_bound(&off), off.max_connections()), (None, 56));
+        assert_eq!(reply_bound(&with(&[]).expect("valid")), None);
+        let mut unlimited = with(&[("multiplex", "4")]).expect("valid");
+        unlimited.resources.limits.clear();
+        assert_eq!(
+            (reply_bound(&unlimited), unlimited.max_connections()),
+            (None, 0)
+        );
     }
 
     #[test]
