@@ -1268,14 +1268,21 @@ fn resolve(args: ProxyArgs, lookup: &Lookup) -> Result<Config, ConfigError> {
             "a number of shared connections from 0 (off) to 64",
         )?
         .unwrap_or(0);
-    let multiplex_reply_mib = lookup
-        .parse(
-            &clients.multiplex_reply_mib,
-            MULTIPLEX_REPLY_MIB,
-            number_in(1..=MAX_MULTIPLEX_REPLY_MIB),
-            "a number of MiB from 1 to 1048576",
-        )?
-        .unwrap_or(DEFAULT_MULTIPLEX_REPLY_MIB);
+    let multiplex_reply_mib = lookup.parse(
+        &clients.multiplex_reply_mib,
+        MULTIPLEX_REPLY_MIB,
+        number_in(1..=MAX_MULTIPLEX_REPLY_MIB),
+        "a number of MiB from 1 to 1048576",
+    )?;
+    if multiplex == 0 && multiplex_reply_mib.is_some() {
+        // Harmless, but a sign the operator expected multiplexing to be on.
+        warnings.push(
+            "--multiplex-reply-mib has no effect without --multiplex: every client has an \
+             upstream connection of its own, where its unread replies wait"
+                .to_string(),
+        );
+    }
+    let multiplex_reply_mib = multiplex_reply_mib.unwrap_or(DEFAULT_MULTIPLEX_REPLY_MIB);
     let warm = lookup.parse(
         &clients.warm_connections,
         WARM_CONNECTIONS,
@@ -3439,6 +3446,19 @@ mod tests {
                 "{e}"
             );
         }
+        // Without multiplexing it is accepted, with a warning; with it, no warning.
+        let no_effect = |c: &Config| {
+            c.warnings
+                .iter()
+                .any(|w| w.contains("--multiplex-reply-mib has no effect without --multiplex"))
+        };
+        let off = config(
+            &["--upstream", "cache.example", "--multiplex-reply-mib", "16"],
+            &[],
+        );
+        assert!(no_effect(&off), "{:?}", off.warnings);
+        assert!(!no_effect(&config(&args, &[])));
+        assert!(!no_effect(&config(&["--upstream", "cache.example"], &[])));
     }
 
     #[test]
