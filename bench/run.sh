@@ -19,6 +19,11 @@
 #   REAUTH_ROTATIONS=N  token rotations to observe in the reauth part (default 2, quick 1)
 #   MULTIPLEX=N       shared upstream connections of the multiplexed proxy (entra-proxy-mux,
 #                     --multiplex N --cluster off) in the throughput part (default 4, 1..64)
+#   PLACEMENT=P       which CPU each process runs on (taskset), for figures that don't depend
+#                     on where the scheduler puts three busy processes on two cores: free (the
+#                     scheduler's choice, default), beside-redis (redis-benchmark on CPU 0,
+#                     redis-server and every proxy on CPU 1), beside-client (redis-benchmark and
+#                     every proxy on CPU 0, redis-server on CPU 1); see bench/README.md
 set -euo pipefail
 
 ROUNDS=3
@@ -32,7 +37,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS="$2"; shift 2 ;;
         --quick) SCALE=10; QUICK=1; shift ;;
         --only) ONLY="$2"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "unknown option: $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -55,6 +60,23 @@ case "$MULTIPLEX" in
     '' | *[!0-9]*) echo "MULTIPLEX must be a number from 1 to 64, not '$MULTIPLEX'" >&2; exit 2 ;;
 esac
 MULTIPLEX=$(( 10#$MULTIPLEX )) # "08" is 8, as the proxy reads it
+PLACEMENT="${PLACEMENT:-free}"
+# The CPUs of redis-benchmark, redis-server and the proxies (and the token issuers); empty: any.
+case "$PLACEMENT" in
+    free) CLIENT_CPU="" SERVER_CPU="" PROXY_CPU="" ;;
+    beside-redis) CLIENT_CPU=0 SERVER_CPU=1 PROXY_CPU=1 ;;
+    beside-client) CLIENT_CPU=0 SERVER_CPU=1 PROXY_CPU=0 ;;
+    *) echo "PLACEMENT must be free, beside-redis or beside-client, not '$PLACEMENT'" >&2; exit 2 ;;
+esac
+[ "$PLACEMENT" = free ] || [ "$(nproc)" -ge 2 ] ||
+    { echo "PLACEMENT=$PLACEMENT needs 2 CPUs, this machine has $(nproc)" >&2; exit 2; }
+[ "$PLACEMENT" = free ] || COMMAND_LINE="PLACEMENT=$PLACEMENT $COMMAND_LINE"
+# on_cpu CPU CMD...: CMD in the foreground on that CPU (any when CPU is empty)
+on_cpu() {
+    local cpu="$1"
+    shift
+    if [ -n "$cpu" ]; then taskset -c "$cpu" "$@"; else "$@"; fi
+}
 [ "$MULTIPLEX" -ge 1 ] && [ "$MULTIPLEX" -le 64 ] ||
     { echo "MULTIPLEX must be a number from 1 to 64, not '$MULTIPLEX'" >&2; exit 2; }
 T_START="$(date +%s)"
@@ -153,8 +175,11 @@ free_port() {
 
 # start_bg NAME CMD...: start CMD in the background, output in $WORK/NAME.log; sets BG_PID
 start_bg() {
-    local name="$1"
+    local name="$1" cpu="$PROXY_CPU"
     shift
+    [ "$name" != redis ] || cpu="$SERVER_CPU"
+    # taskset execs the command: $! stays the pid whose CPU time the bench reads
+    [ -z "$cpu" ] || set -- taskset -c "$cpu" "$@"
     "$@" >"$WORK/$name.log" 2>&1 &
     BG_PID=$!
     PIDS+=("$BG_PID")
@@ -491,7 +516,7 @@ run_one() {
     before=0
     [ -z "$pid" ] || before="$(cpu_ticks "$pid")"
     read -r -a args <<<"$(path_args "$path") $(workload_args "$wl")"
-    if ! out="$(timeout "$BENCH_TIMEOUT" redis-benchmark "${args[@]}" --csv 2>"$WORK/bench.err")"; then
+    if ! out="$(on_cpu "$CLIENT_CPU" timeout "$BENCH_TIMEOUT" redis-benchmark "${args[@]}" --csv 2>"$WORK/bench.err")"; then
         cat "$WORK/bench.err" >&2
         die "redis-benchmark failed on $path / $wl"
     fi
@@ -1015,6 +1040,7 @@ echo "## redis-entra-proxy benchmark, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo
 echo "* command: \`$COMMAND_LINE\` (rounds=$ROUNDS, quick=$QUICK, parts=$ONLY), $(( $(date +%s) - T_START )) s"
 echo "* machine: nproc=$(nproc), ${CPU_MODEL:-unknown CPU}, $(uname -sr)"
+echo "* placement: $PLACEMENT (redis-benchmark on CPU ${CLIENT_CPU:-any}, redis-server on ${SERVER_CPU:-any}, the proxies on ${PROXY_CPU:-any})"
 echo "* $(redis-server --version | cut -d' ' -f1-3), $("$STUNNEL" -version 2>&1 | grep -m1 -o 'stunnel [0-9.]*'), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(openssl version | cut -d' ' -f1-2), Python $(python3 -c 'import platform; print(platform.python_version())')"
 echo "* proxy: $PROXY_VERSION, sha256 $PROXY_SHA, built $PROXY_MTIME ($SRC_BIN)"
 echo
