@@ -63,6 +63,12 @@ struct Conn {
     /// `CLIENT REPLY OFF` is (probably) in force: a transaction that changes state then turns
     /// the connection opaque, which the Entra mode avoids.
     replies_off: bool,
+    /// The last command was an `EXEC` with `CLIENT REPLY SKIP` queued: Redis declared its
+    /// array one element longer than it wrote, and skips the next command's reply, so the reply
+    /// after that is read as the missing element. If the next command is `MONITOR`, that is
+    /// the first feed line, whichever command of whichever connection the server runs next
+    /// (the proxy's own `AUTH` on another connection, through the proxy): not comparable.
+    short_exec: bool,
 }
 
 struct Gen {
@@ -133,6 +139,7 @@ impl Gen {
         let count = 1 + self.rng.usize(..3);
         for _ in 0..count {
             let resp2_subscribed = c.subscribed && !c.resp3;
+            let after_short_exec = std::mem::take(&mut c.short_exec);
             let roll = self.rng.u8(..100);
             let bytes = match roll {
                 _ if c.monitor => match self.rng.u8(..3) {
@@ -161,8 +168,12 @@ impl Gen {
                         t.extend(self.plain());
                     }
                     let effects_ok = !self.entra || !c.replies_off;
+                    let mut skip = false;
                     match self.rng.u8(..6) {
-                        0 if effects_ok => t.extend(cmd(&["CLIENT", "REPLY", "SKIP"])),
+                        0 if effects_ok => {
+                            t.extend(cmd(&["CLIENT", "REPLY", "SKIP"]));
+                            skip = true;
+                        }
                         // (HELLO 2 run by EXEC for a RESP3 subscriber: opaque, see the README.)
                         1 if effects_ok && !(self.entra && c.subscribed) => {
                             t.extend(cmd(&["HELLO", if c.resp3 { "2" } else { "3" }]));
@@ -174,11 +185,9 @@ impl Gen {
                         }
                         _ => {}
                     }
-                    t.extend(cmd(&[if self.rng.u8(..5) == 0 {
-                        "DISCARD"
-                    } else {
-                        "EXEC"
-                    }]));
+                    let exec = self.rng.u8(..5) != 0;
+                    t.extend(cmd(&[if exec { "EXEC" } else { "DISCARD" }]));
+                    c.short_exec = skip && exec && !c.subscribed;
                     if c.subscribed {
                         // Not allowed in RESP2 subscribed mode, where the proxy refuses it
                         // itself, so a MONITOR elsewhere doesn't see the EXEC that Redis shows
@@ -271,7 +280,11 @@ impl Gen {
                 89 if !resp2_subscribed => {
                     cmd(&["EVAL", "local a = {} local b = {a} a[1] = b return a", "0"])
                 }
-                90..=91 if !resp2_subscribed && !self.conns.iter().any(|c| c.monitor) => {
+                90..=91
+                    if !resp2_subscribed
+                        && !after_short_exec
+                        && !self.conns.iter().any(|c| c.monitor) =>
+                {
                     c.monitor = true;
                     cmd(&["MONITOR"])
                 }
@@ -325,12 +338,17 @@ impl Gen {
             // A reply nested to Lua's stack limit takes the server a while to build.
             let slow = bytes.windows(9).any(|w| w == b"a[1] = b ");
             self.steps.push(Step::Send(n, bytes));
-            if slow {
-                self.steps.push(Step::Pause(Duration::from_millis(200)));
-            }
-            if blocking {
-                // Redis notices an expired timeout at its next event-loop turn: up to 100 ms late.
-                self.steps.push(Step::Pause(Duration::from_millis(550)));
+            // Redis notices an expired timeout at its next event-loop turn: up to 100 ms late.
+            // One pause for both, so that a blocking command's timeout after a slow reply falls
+            // in the same step on both paths (two pauses made a boundary it could fall either
+            // side of).
+            let pause = match (slow, blocking) {
+                (_, true) => 550 + if slow { 200 } else { 0 },
+                (true, false) => 200,
+                (false, false) => 0,
+            };
+            if pause > 0 {
+                self.steps.push(Step::Pause(Duration::from_millis(pause)));
             }
         }
         Script {
