@@ -45,10 +45,12 @@ const RUN_AS: u32 = 65532;
 /// derived from the sidecar's memory limit. Measured with `bench/run.sh --only worst`: 1.62 to
 /// 1.65 MiB of RSS per connection holding a 1 MiB command the proxy must inspect, 16,384
 /// pipelined commands and unread replies of a large value (50 and 100 connections); rounded up.
-pub const CONNECTION_WORST_CASE: u64 = 2 * 1024 * 1024;
+pub const CONNECTION_WORST_CASE: u64 = 2 * MIB;
 /// What the proxy itself needs besides its connections (measured 8.6 to 8.9 MiB of RSS at
 /// rest), with room for the warm pool, the metrics and the allocator.
-pub const PROCESS_RESERVE: u64 = 16 * 1024 * 1024;
+pub const PROCESS_RESERVE: u64 = 16 * MIB;
+/// One mebibyte, the unit of the sizes above and of `--multiplex-reply-mib`.
+const MIB: u64 = 1024 * 1024;
 
 /// The `--max-connections` that keeps the proxy under `memory_limit` bytes even if every client
 /// connection costs [`CONNECTION_WORST_CASE`]: `(limit - reserve) / worst case`, at least 1.
@@ -63,12 +65,9 @@ pub fn max_connections_for(memory_limit: u64) -> u64 {
 /// default `128Mi` holds 32 MiB of unread replies beside 40 connections in their costliest state.
 const MULTIPLEX_REPLY_SHARE: u64 = 4;
 
-/// One mebibyte, the unit of `--multiplex-reply-mib`.
-const MIB: u64 = 1024 * 1024;
-
 /// The sidecar's `--multiplex-reply-mib` for `memory_limit` bytes: a
 /// [`MULTIPLEX_REPLY_SHARE`]th of it, in whole MiB, from 1 to the most the proxy takes.
-pub fn multiplex_reply_mib_for(memory_limit: u64) -> u64 {
+fn multiplex_reply_mib_for(memory_limit: u64) -> u64 {
     (memory_limit / MULTIPLEX_REPLY_SHARE / MIB).clamp(1, MAX_MULTIPLEX_REPLY_MIB as u64)
 }
 

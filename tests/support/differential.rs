@@ -364,24 +364,7 @@ fn classify(frame: &[u8]) -> Seen {
     }
     // A HELLO reply (or one inside an EXEC array) carries the server's client id.
     let text = String::from_utf8_lossy(frame).into_owned();
-    Seen::Raw(mask_feed_lines(&mask_after(&text, "$2\r\nid\r\n:")))
-}
-
-/// Feed lines a client reads as part of another frame. `CLIENT REPLY SKIP` queued in a
-/// transaction makes Redis declare an `EXEC` array one element longer than it writes, so a
-/// `MONITOR` that follows has its feed read as the missing element. Masked like any feed line
-/// (the timestamp and address differ by nature); the fuzzer no longer generates that sequence,
-/// since which command fills the element can differ too (see its `Conn::short_exec`).
-fn mask_feed_lines(text: &str) -> String {
-    text.split("\r\n")
-        .map(|line| match line.strip_prefix('+') {
-            Some(feed) if feed.starts_with(|c: char| c.is_ascii_digit()) && feed.contains(" [") => {
-                format!("+{}", feed_command(feed))
-            }
-            _ => line.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\r\n")
+    Seen::Raw(mask_after(&text, "$2\r\nid\r\n:"))
 }
 
 /// Replaces the digits right after each `marker` with `N`.
