@@ -480,12 +480,7 @@ impl Conn {
         tokio::pin!(cancelled);
         let mut batches = Vec::with_capacity(BATCHES_PER_TURN);
         let mut turns = 0u32;
-        let mut since_yield = 0usize;
         loop {
-            if since_yield >= crate::relay::FAIR_TURN_BYTES {
-                since_yield = 0;
-                tokio::task::yield_now().await;
-            }
             let event = poll_fn(|cx| {
                 let mut progress = false;
                 // Take what clients sent (while there is room to write it).
@@ -537,7 +532,6 @@ impl Conn {
                         )));
                     }
                     Poll::Ready(Ok(n)) => {
-                        since_yield += n;
                         self.mux.metrics.bytes_to_client.inc_by(n as u64);
                         if let Err(e) = self.route() {
                             return Poll::Ready(Err(End::Broken(e)));
@@ -562,8 +556,6 @@ impl Conn {
                 if progress {
                     Poll::Ready(Ok(None))
                 } else {
-                    // Asleep until woken: other tasks run meanwhile.
-                    since_yield = 0;
                     Poll::Pending
                 }
             })

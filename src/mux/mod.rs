@@ -29,7 +29,7 @@ pub mod table;
 
 use crate::connector::Connector;
 use crate::metrics::{Counting, Metrics};
-use crate::relay::{FAIR_TURN_BYTES, SessionEnd};
+use crate::relay::SessionEnd;
 use client::{ClientCore, Handoff, Next};
 use conn::{Batch, Mailbox, ReplyBudget};
 use std::future::poll_fn;
@@ -190,12 +190,7 @@ impl Multiplexer {
         tokio::pin!(overflowed);
         let mut cin_grown = false;
         let mut turns = 0u32;
-        let mut since_yield = 0usize;
         loop {
-            if since_yield >= FAIR_TURN_BYTES {
-                since_yield = 0;
-                tokio::task::yield_now().await;
-            }
             let mut lost = false;
             core.process(&mailbox, |batch| {
                 metrics.commands.inc_by(u64::from(batch.count));
@@ -241,11 +236,8 @@ impl Multiplexer {
                     }
                 }
                 if !core.output().is_empty() {
-                    let out = core.output();
-                    let chunk = &out[..out.len().min(FAIR_TURN_BYTES)];
-                    match Pin::new(&mut client).poll_write(cx, chunk) {
+                    match Pin::new(&mut client).poll_write(cx, core.output()) {
                         Poll::Ready(Ok(n)) if n > 0 => {
-                            since_yield += n;
                             bytes::Buf::advance(core.output(), n);
                             progress = true;
                         }
@@ -264,7 +256,6 @@ impl Multiplexer {
                             return Poll::Ready(Ok(Some(SessionEnd::ClientClosed)));
                         }
                         Poll::Ready(Ok(n)) => {
-                            since_yield += n;
                             cin_grown |= n == room;
                             metrics.bytes_to_upstream.inc_by(n as u64);
                             progress = true;
@@ -290,8 +281,6 @@ impl Multiplexer {
                 if progress {
                     Poll::Ready(Ok(None))
                 } else {
-                    // Asleep until woken: other tasks run meanwhile.
-                    since_yield = 0;
                     Poll::Pending
                 }
             })

@@ -25,17 +25,6 @@ use crate::resp::ProtocolError;
 use crate::secret::Secret;
 use std::sync::Arc;
 
-/// Bytes one client's task (a 1:1 session, a shared client or a shared connection) moves in
-/// one stretch before it lets every other ready task have a turn (`yield_now`; the count
-/// starts again whenever the task sleeps). All clients share one thread, and tokio's own
-/// budget allows 128 reads or writes per turn, megabytes here: the task relaying one client's
-/// 4 MiB replies kept the thread for a whole reply, and 48 other clients' small GETs through
-/// `--multiplex 4` went from 0.34 ms to 1.8 ms at the median and from 100 k to 20 k
-/// requests/s. With 16 KiB (one TLS record) they keep about half their rate, at 0.54 ms
-/// (`bench/mux_large_values.sh`; the README has the table). Redis bounds what it writes to one
-/// client per event-loop turn for the same reason (`NET_MAX_WRITES_PER_EVENT`).
-pub(crate) const FAIR_TURN_BYTES: usize = 16 * 1024;
-
 /// What every session of a process shares.
 #[derive(Debug)]
 pub struct RelayContext {

@@ -202,10 +202,6 @@ where
         let mut opening: Option<OpenFuture<U>> = None;
         let mut io = IoState::default();
         loop {
-            if io.moved >= super::FAIR_TURN_BYTES {
-                io.moved = 0;
-                tokio::task::yield_now().await;
-            }
             self.core.process(Instant::now());
             if let Some(end) = self.core.finished() {
                 return end;
@@ -300,8 +296,6 @@ struct IoState {
     uin_grown: bool,
     /// The upstream writer holds TLS data that a flush must push out.
     up_unflushed: bool,
-    /// Bytes moved since the task last slept or yielded ([`super::FAIR_TURN_BYTES`]).
-    moved: usize,
 }
 
 /// One turn over both sockets: writes what the core produced, reads what it has room for.
@@ -320,12 +314,9 @@ where
 {
     let mut progress = false;
     if !core.to_client().is_empty() {
-        let out = core.to_client();
-        let chunk = &out[..out.len().min(super::FAIR_TURN_BYTES)];
-        match Pin::new(&mut *client).poll_write(cx, chunk) {
+        match Pin::new(&mut *client).poll_write(cx, core.to_client()) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(SessionEnd::ClientIo(write_zero()))),
             Poll::Ready(Ok(n)) => {
-                io.moved += n;
                 core.to_client().advance(n);
                 progress = true;
             }
@@ -340,7 +331,6 @@ where
                     return Poll::Ready(Err(SessionEnd::UpstreamIo(write_zero())));
                 }
                 Poll::Ready(Ok(n)) => {
-                    io.moved += n;
                     core.to_upstream().advance(n);
                     io.up_unflushed = true;
                     progress = true;
@@ -364,7 +354,6 @@ where
             match tokio_util::io::poll_read_buf(Pin::new(&mut *up), cx, buf) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::UpstreamEof)),
                 Poll::Ready(Ok(n)) => {
-                    io.moved += n;
                     io.uin_grown |= n == room;
                     ctx.metrics.bytes_to_client.inc_by(n as u64);
                     progress = true;
@@ -381,7 +370,6 @@ where
         match tokio_util::io::poll_read_buf(Pin::new(&mut *client), cx, buf) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::ClientEof)),
             Poll::Ready(Ok(n)) => {
-                io.moved += n;
                 io.cin_grown |= n == room;
                 ctx.metrics.bytes_to_upstream.inc_by(n as u64);
                 progress = true;
@@ -393,7 +381,6 @@ where
     if progress {
         Poll::Ready(Ok(Event::Progress))
     } else {
-        io.moved = 0; // asleep until woken: other tasks run meanwhile
         Poll::Pending
     }
 }
