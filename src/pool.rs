@@ -178,18 +178,39 @@ impl Inner {
         all
     }
 
-    /// Puts an entry (back) at the end of the queue.
+    /// Takes every entry out to service it. Unlike [`Inner::drain`], each stays counted as a
+    /// live upstream connection, and in the re-auth deadline (its token still runs), until it
+    /// is put back ([`Inner::requeue`]) or dropped ([`Inner::forget_id`]): the alerting gauge
+    /// must not read `+Inf` while the pool re-authenticates.
+    fn drain_for_service(&self) -> Vec<Idle> {
+        let mut idle = self.lock();
+        let all: Vec<Idle> = idle.drain(..).collect();
+        self.metrics().warm_connections.set(0);
+        all
+    }
+
+    /// Puts a new entry at the end of the queue.
     fn push(&self, entry: Idle) {
+        self.metrics().upstream_connections.inc();
+        self.requeue(entry);
+    }
+
+    /// Puts an entry taken by [`Inner::drain_for_service`] back, with its (new) expiry.
+    fn requeue(&self, entry: Idle) {
         let expiry = entry.ready.credential.as_ref().and_then(|c| c.expires_at);
         self.metrics().set_auth_expiry(entry.id, expiry);
-        self.metrics().upstream_connections.inc();
         let mut idle = self.lock();
         idle.push_back(entry);
         self.metrics().warm_connections.set(idle.len() as i64);
     }
 
     fn forget(&self, entry: &Idle) {
-        self.metrics().forget_connection(entry.id);
+        self.forget_id(entry.id);
+    }
+
+    /// Connection `id` is no longer an upstream connection of the pool.
+    fn forget_id(&self, id: u64) {
+        self.metrics().forget_connection(id);
         self.metrics().upstream_connections.dec();
     }
 
@@ -298,30 +319,42 @@ async fn service_all(inner: &Arc<Inner>) {
         .clone();
     let timeout = inner.connector.connect_timeout;
     let mut servicing = JoinSet::new();
-    for entry in inner.drain() {
+    // Taken out but still counted: each one is requeued or forgotten below.
+    let mut outstanding = Vec::new();
+    for entry in inner.drain_for_service() {
         let newest = newest.clone();
+        let id = entry.id;
+        outstanding.push(id);
         servicing.spawn(async move {
-            tokio::time::timeout(timeout, service(entry, newest))
+            let result = tokio::time::timeout(timeout, service(entry, newest))
                 .await
-                .unwrap_or(Err("no answer in time"))
+                .unwrap_or(Err("no answer in time"));
+            (id, result)
         });
     }
     while let Some(done) = servicing.join_next().await {
-        match done {
-            Ok(Ok((entry, reauthenticated))) => {
+        let Ok((id, result)) = done else {
+            continue; // a task that panicked: forgotten below
+        };
+        outstanding.retain(|&o| o != id);
+        match result {
+            Ok((entry, reauthenticated)) => {
                 if reauthenticated {
                     inner.metrics().reauth_success.inc();
                 }
-                inner.push(entry);
+                inner.requeue(entry);
             }
-            Ok(Err(reason)) => {
+            Err(reason) => {
+                inner.forget_id(id);
                 if reason == REAUTH_REFUSED {
                     inner.metrics().reauth_failure.inc();
                 }
                 tracing::debug!(reason, "warm pool: dropping an idle connection");
             }
-            Err(_) => {}
         }
+    }
+    for id in outstanding {
+        inner.forget_id(id);
     }
 }
 

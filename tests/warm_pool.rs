@@ -87,12 +87,21 @@ async fn pooled_connections_survive_token_rotations_and_still_serve() {
     let pooled = token_connections(&setup).await;
     let expired_before = setup.front().tokens_expired();
     let front = setup.front();
-    assert!(
-        wait_until(Duration::from_secs(30), || front.tokens_expired()
-            >= expired_before + 4)
-        .await,
-        "tokens did not expire"
-    );
+    // While the tokens rotate, the pool re-authenticates its connections again and again; the
+    // alerting deadline must show their tokens throughout, never `+Inf` (the pool once took
+    // its connections out of the gauge while it serviced them).
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let mut samples = 0u32;
+    while front.tokens_expired() < expired_before + 4 {
+        assert!(std::time::Instant::now() < give_up, "tokens did not expire");
+        let deadline = metric(admin, "redis_proxy_reauth_deadline_timestamp_seconds").await;
+        assert!(
+            deadline.is_finite(),
+            "the deadline read {deadline} with 2 pooled connections (sample {samples})"
+        );
+        samples += 1;
+    }
+    assert!(samples > 0);
     // Four tokens expired while the pool sat idle: no pooled connection was closed for it,
     // because each was re-authenticated with every new token.
     assert_eq!(front.connections_closed_by_server(), 0);
