@@ -6,8 +6,9 @@
 #
 # Measures 49 clients' GETs of a 3-byte value (redis-benchmark: requests/s, p50, p99) directly
 # over TLS, through the 1:1 relay and through `--multiplex 1`, `2` and `4` (one build, one
-# redis-server), first alone
-# and then while one more client GETs a 4 MiB value in a loop (and reads it).
+# redis-server), first alone and then while one more client GETs a 4 MiB value in a loop (and
+# reads it). The 1:1 row shows the share of the proxy's one thread the large reader takes;
+# the multiplexed rows add the order on a shared connection.
 #
 # Usage: bench/mux_large_values.sh
 # Environment: PROXY_BIN=/path (default: cargo build --release), REQUESTS (default 200000),
@@ -33,23 +34,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# A CA and a certificate for localhost (webpki refuses a self-signed end entity).
-openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/ca.key" -out "$work/ca.pem" -days 1 \
-    -subj "/CN=bench-ca" 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout "$work/key.pem" -out "$work/srv.csr" \
-    -subj "/CN=localhost" 2>/dev/null
-printf "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n" \
-    >"$work/ext.cnf"
-openssl x509 -req -in "$work/srv.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
-    -CAcreateserial -out "$work/cert.pem" -days 1 -extfile "$work/ext.cnf" 2>/dev/null
-
-tls_port="$(free_port)"
-redis-server --port 0 --tls-port "$tls_port" --tls-cert-file "$work/cert.pem" \
-    --tls-key-file "$work/key.pem" --tls-ca-cert-file "$work/ca.pem" --tls-auth-clients no \
-    --requirepass bench-key --save '' --appendonly no --dir "$work" >"$work/redis.log" 2>&1 &
-pids+=($!)
+# shellcheck source=bench/tls_redis.sh
+. bench/tls_redis.sh
+start_tls_redis
 direct=(--tls --cacert "$work/ca.pem" --sni localhost -a bench-key -p "$tls_port")
 for _ in $(seq 100); do
     redis-cli "${direct[@]}" ping 2>/dev/null | grep -q PONG && break
