@@ -52,6 +52,9 @@ pub struct Metrics {
     pub reauth_success: IntCounter,
     /// `redis_proxy_reauth_total{result="failure"}`: injected `AUTH`s the server refused.
     pub reauth_failure: IntCounter,
+    /// `redis_proxy_reauth_total{result="unanswered"}`: injected `AUTH`s sent while the
+    /// client's replies were off, which Redis answers with nothing (see `relay::core`).
+    pub reauth_unanswered: IntCounter,
     /// `redis_proxy_reauth_seconds`: from injecting `AUTH` to its reply.
     pub reauth_seconds: Histogram,
     /// `redis_proxy_bytes_total{direction="client_to_upstream"}`.
@@ -133,6 +136,7 @@ impl Metrics {
             ),
             reauth_success: labelled_counter(REAUTH, REAUTH_HELP, "result", "success"),
             reauth_failure: labelled_counter(REAUTH, REAUTH_HELP, "result", "failure"),
+            reauth_unanswered: labelled_counter(REAUTH, REAUTH_HELP, "result", "unanswered"),
             reauth_seconds: histogram(
                 "redis_proxy_reauth_seconds",
                 "Time from injecting AUTH on a live connection to its reply.",
@@ -230,6 +234,7 @@ impl Metrics {
             Box::new(self.upstream_errors.clone()),
             Box::new(self.reauth_success.clone()),
             Box::new(self.reauth_failure.clone()),
+            Box::new(self.reauth_unanswered.clone()),
             Box::new(self.reauth_seconds.clone()),
             Box::new(self.bytes_to_upstream.clone()),
             Box::new(self.bytes_to_client.clone()),

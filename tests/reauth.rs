@@ -743,3 +743,84 @@ async fn a_user_assigned_managed_identity_is_chosen_by_its_client_id() {
         "{reply:?}"
     );
 }
+
+/// Waits until `probe` (a direct connection) is refused with `-BUSY`: another client's script
+/// has run past `busy-reply-threshold`, and Redis runs only `AUTH`, `SCRIPT KILL` and a few others.
+async fn wait_until_busy(probe: &mut RespClient) {
+    for _ in 0..100 {
+        if probe.cmd(&["PING"]).await.is_error_code("BUSY") {
+            return;
+        }
+    }
+    panic!("the server never became busy");
+}
+
+/// Differential, against Redis itself: a client with its replies off, directly and through the
+/// proxy, while another client's script keeps Redis busy and the access key rotates. The proxy
+/// re-authenticates its connection during the busy spell; afterwards both clients must get the
+/// same replies. (The proxy used to wrap that `AUTH` in `CLIENT REPLY ON` … `OFF`: Redis refused
+/// the `ON` with a `-BUSY` that replies-off suppressed, and the proxy handed the client's next
+/// two replies to its wrapper.)
+#[tokio::test]
+async fn a_key_rotation_while_a_script_keeps_redis_busy_leaves_a_replies_off_client_its_replies() {
+    let setup = Setup::access_key().await;
+    let key_file = setup.dir.path().join("access-key");
+    let old_key = setup.redis.access_key();
+    std::fs::write(&key_file, format!("{old_key}\n")).expect("write key file");
+    let mut args: Vec<&str> = setup.args.iter().map(String::as_str).collect();
+    let key_path = key_file.display().to_string();
+    args.extend(["--access-key-file", key_path.as_str()]);
+    let proxy = ProxyProcess::start(&args, &[]).await;
+    let new_key = "rotated-access-key-busy";
+    setup.redis.set_access_keys(&[&old_key, new_key]).await; // (ACL SETUSER: not while busy)
+    let direct_client = || async {
+        let mut c = RespClient::connect_tls(setup.redis.port(), &setup.pki).await;
+        assert!(c.cmd(&["AUTH", old_key.as_str()]).await.is_ok());
+        c
+    };
+    let mut probe = direct_client().await;
+    assert!(
+        probe
+            .cmd(&["CONFIG", "SET", "busy-reply-threshold", "50"])
+            .await
+            .is_ok()
+    );
+    let mut proxied = RespClient::connect(proxy.addr()).await;
+    let mut direct = direct_client().await;
+    for (c, key) in [(&mut proxied, "off-proxied"), (&mut direct, "off-direct")] {
+        c.send(&["CLIENT", "REPLY", "OFF"]).await;
+        c.send(&["SET", key, "v"]).await;
+    }
+    let mut script = direct_client().await;
+    script.send(&["EVAL", "while true do end", "0"]).await;
+    wait_until_busy(&mut probe).await;
+
+    std::fs::write(&key_file, new_key).expect("rotate key file");
+    proxy
+        .wait_for_output("with the client's replies off", Duration::from_secs(15))
+        .await;
+    for c in [&mut proxied, &mut direct] {
+        c.send(&["SET", "during-busy", "x"]).await; // refused, and the refusal unsent
+    }
+    assert!(probe.cmd(&["SCRIPT", "KILL"]).await.is_ok());
+    assert!(script.read().await.is_error_code("ERR")); // "Script killed by user"
+
+    let mut got = Vec::new();
+    for (c, key) in [(&mut proxied, "off-proxied"), (&mut direct, "off-direct")] {
+        c.send(&["CLIENT", "REPLY", "ON"]).await;
+        c.send(&["PING"]).await;
+        c.send(&["GET", key]).await;
+        c.send(&["EXISTS", "during-busy"]).await;
+        let mut replies = Vec::new();
+        for _ in 0..4 {
+            replies.push(c.read().await);
+        }
+        got.push(replies);
+    }
+    assert_eq!(got[0], got[1], "through the proxy vs directly");
+    assert_eq!(
+        got[0],
+        [Value::ok(), Value::simple("PONG"), bulk("v"), Value::Int(0)]
+    );
+    assert!(proxy.output_contains("using the new key"));
+}

@@ -19,6 +19,13 @@ use std::time::{Duration, Instant};
 /// The shortest slice the proxy forwards (and the unit it rounds to).
 const MIN_SLICE: Duration = Duration::from_millis(100);
 
+/// How long a re-issued slice that the server refused with `-BUSY` waits before it is sent
+/// again. Redis answers `-BUSY` to every command but a few while another client's script or
+/// function runs past `busy-reply-threshold` (5 s by default); a client blocked *before* that
+/// stays blocked without hearing of it, so the proxy keeps asking, about as often as a busy
+/// Redis looks at its clients at all, until the script is done or killed.
+pub const BUSY_RETRY: Duration = Duration::from_millis(100);
+
 /// How a command expresses its timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unit {
@@ -43,6 +50,8 @@ pub struct BlockingCall {
     /// Redis never times a command out early, so a timeout reply before that instant means
     /// someone unblocked it (`CLIENT UNBLOCK … TIMEOUT`), and the client gets it.
     slice_ends: Option<Instant>,
+    /// Slices sent so far: the first is the client's own command, the others the proxy's.
+    issued: u32,
 }
 
 /// How much earlier than the slice's end a timeout still counts as one. Redis takes its
@@ -94,6 +103,7 @@ impl BlockingCall {
             unit,
             timeout: timeout_reply,
             slice_ends: None,
+            issued: 0,
         })
     }
 
@@ -111,6 +121,7 @@ impl BlockingCall {
             Unit::Millis => millis.to_string(),
         };
         self.slice_ends = Some(now + Duration::from_millis(millis));
+        self.issued = self.issued.saturating_add(1);
         self.args[self.slot] = value.into_bytes();
         let refs: Vec<&[u8]> = self.args.iter().map(Vec::as_slice).collect();
         encode_command(&refs)
@@ -126,6 +137,15 @@ impl BlockingCall {
             .slice_ends
             .is_none_or(|end| now + EARLY_TIMEOUT_TOLERANCE >= end);
         time_left && slice_over && self.timed_out(reply)
+    }
+
+    /// True when `reply` refused a slice the proxy sent on its own (not the client's command)
+    /// because the server is busy: the client, blocked before the server became busy, would
+    /// still be blocked without the proxy, so the slice is sent again after [`BUSY_RETRY`]
+    /// instead of answering the client. A `-BUSY` to the first slice is the client's: its
+    /// command reached a busy server, as it would have directly.
+    pub fn refused_busy(&self, reply: &[u8]) -> bool {
+        self.issued > 1 && reply.starts_with(b"-BUSY ")
     }
 
     fn timed_out(&self, reply: &[u8]) -> bool {

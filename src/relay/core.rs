@@ -18,7 +18,7 @@
 //! Re-authentication is injected by [`Core::maybe_reauth`], only where
 //! [`ConnState::safe_point`] says so.
 
-use super::blocking::{BlockingCall, slice_for};
+use super::blocking::{BUSY_RETRY, BlockingCall, slice_for};
 use super::command::{ClientSub, Command, full_name, parse_confirmation};
 use super::pending::{Owner, Pending, ProxyCommand, SubKind};
 use super::state::{ConnState, Framing, Injection, Mode, Progress, Queued, Replies, Transaction};
@@ -141,6 +141,10 @@ pub struct Core {
     /// command waits.
     auth_failures: u32,
     throttled_until: Option<Instant>,
+    /// A sliced blocking command whose re-issued slice the server refused with `-BUSY`, and
+    /// when to send it again ([`BlockingCall::refused_busy`]). Only in [`Mode::Blocked`], with
+    /// nothing of the call's pending.
+    blocked_retry: Option<(Box<BlockingCall>, Instant)>,
     /// Part of a client command is forwarded; the rest streams through as it arrives.
     request_streaming: bool,
     /// Part of a reply frame is handled; the rest goes the same way.
@@ -203,6 +207,7 @@ impl Core {
             client_authed,
             auth_failures: 0,
             throttled_until: None,
+            blocked_retry: None,
             request_streaming: false,
             reply_streaming: None,
             reply_raw: false,
@@ -307,10 +312,14 @@ impl Core {
 
     /// The next instant at which [`Core::process`] has something to do without any I/O.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        [self.auth.retry_at, self.throttled_until]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.auth.retry_at,
+            self.throttled_until,
+            self.blocked_retry.as_ref().map(|(_, at)| *at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The session is over: `Ok` for an ordinary end, or why it ended. What `to_client` still
@@ -330,7 +339,9 @@ impl Core {
         }
         if self.client_eof {
             let opaque = matches!(self.state.mode, Mode::Opaque);
-            let abandoned = self.pending.holds_blocking() || self.request_streaming;
+            let abandoned = self.pending.holds_blocking()
+                || self.blocked_retry.is_some()
+                || self.request_streaming;
             if abandoned
                 || self.phase != Phase::Relaying
                 || (opaque && self.to_upstream.is_empty())
@@ -413,6 +424,14 @@ impl Core {
         }
         if self.auth.retry_at.is_some_and(|t| t <= now) {
             self.auth.retry_at = None;
+        }
+        if self
+            .blocked_retry
+            .as_ref()
+            .is_some_and(|(_, at)| *at <= now)
+            && let Some((call, _)) = self.blocked_retry.take()
+        {
+            self.reissue_blocking(call, now);
         }
         loop {
             let before = (
@@ -1273,8 +1292,32 @@ impl Core {
         self.inject_auth(newest, how, now);
     }
 
+    /// Sends `AUTH` with `credential`, wrapped as `how` says. With the client's replies off
+    /// (`CLIENT REPLY OFF`) Redis answers it with nothing, success or not, so it is sent as it
+    /// is and not awaited. Wrapping it in `CLIENT REPLY ON` … `OFF` to see its reply is not
+    /// safe: while another client's script or function runs past `busy-reply-threshold`, Redis
+    /// refuses `CLIENT REPLY ON` with a `-BUSY` it does not send either (replies are off), runs
+    /// the `AUTH` (one of the few commands it runs then), and the proxy would wait for two
+    /// replies that never come and hand the client's later replies to them. Unseen, the `AUTH`
+    /// is taken as accepted: it carries a credential just issued; if it was refused after all,
+    /// the connection keeps its old token, and Azure closes it when that one expires, as after
+    /// any re-authentication that failed until then.
     fn inject_auth(&mut self, credential: Arc<AuthCredential>, how: Injection, now: Instant) {
         let command = credential.auth_command().clone();
+        if how.restore_replies == Some(Replies::Off) {
+            self.to_upstream.extend_from_slice(&command);
+            if how.restore_asking {
+                self.to_upstream.extend_from_slice(ASKING); // unanswered too
+            }
+            tracing::debug!(
+                conn = self.id,
+                generation = credential.generation,
+                "re-authenticated with the client's replies off (Redis sends no reply to it)"
+            );
+            self.ctx.metrics.reauth_unanswered.inc();
+            self.adopt_credential(credential);
+            return;
+        }
         if matches!(self.state.mode, Mode::Monitor) && how.restore_replies.is_none() {
             self.own_feed_lines += 1;
         }
@@ -1914,6 +1957,11 @@ impl Core {
     /// The reply to one slice: the client's answer, or — when the slice ran out and the client
     /// still waits — re-authenticate if a newer credential is there, then block again.
     fn blocking_reply(&mut self, frame: &[u8], call: Box<BlockingCall>, now: Instant) {
+        if call.refused_busy(frame) && !self.client_eof {
+            // Still blocked, as the client would be directly; nothing is sent until then.
+            self.blocked_retry = Some((call, now + BUSY_RETRY));
+            return;
+        }
         self.state.mode = Mode::Normal;
         // A client that has gone away is not kept blocked: its session ends with this reply.
         let expiry = self.token_expiry();
@@ -1921,6 +1969,13 @@ impl Core {
             self.to_client.extend_from_slice(frame);
             return;
         }
+        self.reissue_blocking(call, now);
+    }
+
+    /// Sends the next slice of a blocking command, after an `AUTH` when a newer credential is
+    /// there (the one point between slices where nothing else is in flight).
+    fn reissue_blocking(&mut self, call: Box<BlockingCall>, now: Instant) {
+        self.state.mode = Mode::Normal;
         if !self.auth.in_flight
             && self.auth.retry_at.is_none()
             && let Some(newest) = self.valid_newest()

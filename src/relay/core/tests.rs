@@ -146,38 +146,58 @@ fn auth_reply_is_taken_out_of_a_pipeline_in_order() {
     h.client_gets("$1\r\n1\r\n$1\r\n2\r\n");
 }
 
+/// With replies off, the `AUTH` goes bare and nothing waits for a reply Redis does not send:
+/// the client's next replies are its own.
 #[test]
-fn replies_off_wraps_auth_in_reply_on_and_off() {
+fn replies_off_sends_auth_bare_and_awaits_nothing() {
     let mut h = H::new();
     h.client(&[&["CLIENT", "REPLY", "OFF"]]);
     h.rotate(2);
-    h.server_gets(&[
-        &["CLIENT", "REPLY", "OFF"],
-        &["CLIENT", "REPLY", "ON"],
-        &["AUTH", "oid", "token-2"],
-        &["CLIENT", "REPLY", "OFF"],
-    ]);
-    h.server_replies(b"+OK\r\n+OK\r\n");
-    h.client_gets("");
-    h.client(&[&["CLIENT", "REPLY", "ON"]]);
-    h.server_replies(b"+OK\r\n");
-    h.client_gets("+OK\r\n");
+    h.server_gets(&[&["CLIENT", "REPLY", "OFF"], &["AUTH", "oid", "token-2"]]);
+    assert_eq!(h.core.credential().map(|c| c.generation), Some(2));
+    assert_eq!(h.core.ctx.metrics.reauth_unanswered.get(), 1);
+    h.rotate(3); // the next token is injected too: none is taken to be in flight
+    h.server_gets(&[&["AUTH", "oid", "token-3"]]);
+    h.client(&[&["CLIENT", "REPLY", "ON"], &["PING"]]);
+    h.server_replies(b"+OK\r\n+PONG\r\n");
+    h.client_gets("+OK\r\n+PONG\r\n");
 }
 
+/// The review's reproduction (real Redis 7.0.15): a client with replies off is re-authenticated
+/// while another client's script runs past `busy-reply-threshold`. Redis refused the proxy's old
+/// `CLIENT REPLY ON` wrapper with a `-BUSY` that replies-off suppressed, ran the `AUTH` without
+/// a reply, and the proxy handed the client's next two replies (`+OK`, `+PONG`) to the wrapper.
+/// Now no reply is awaited, so whatever a busy server does with the injection, the client's
+/// replies stay its own.
 #[test]
-fn skip_is_restored_around_an_injected_auth() {
+fn replies_off_reauth_while_the_server_is_busy_costs_the_client_no_reply() {
+    let mut h = H::new();
+    h.client(&[&["CLIENT", "REPLY", "OFF"], &["SET", "k", "v"]]);
+    h.rotate(2); // the server is busy now: it answers nothing here, as replies are off
+    h.server_gets(&[
+        &["CLIENT", "REPLY", "OFF"],
+        &["SET", "k", "v"],
+        &["AUTH", "oid", "token-2"],
+    ]);
+    h.client(&[&["CLIENT", "REPLY", "ON"], &["PING"], &["GET", "k"]]);
+    h.server_replies(b"+OK\r\n+PONG\r\n$1\r\nv\r\n");
+    h.client_gets("+OK\r\n+PONG\r\n$1\r\nv\r\n");
+}
+
+/// A `CLIENT REPLY SKIP` skips the next command: the `AUTH` waits for that command (it would
+/// be skipped in its place) and follows it, with an ordinary reply.
+#[test]
+fn auth_waits_for_the_command_a_skip_skips() {
     let mut h = H::new();
     h.client(&[&["CLIENT", "REPLY", "SKIP"]]);
     h.rotate(2);
-    h.server_gets(&[
-        &["CLIENT", "REPLY", "SKIP"],
-        &["CLIENT", "REPLY", "ON"],
-        &["AUTH", "oid", "token-2"],
-        &["CLIENT", "REPLY", "SKIP"],
-    ]);
-    h.server_replies(b"+OK\r\n+OK\r\n");
-    h.client(&[&["SET", "k", "v"], &["PING"]]);
-    h.server_replies(b"+PONG\r\n"); // the SET's reply is skipped by the server
+    h.server_gets(&[&["CLIENT", "REPLY", "SKIP"]]);
+    h.client(&[&["SET", "k", "v"]]);
+    h.server_gets(&[&["SET", "k", "v"], &["AUTH", "oid", "token-2"]]);
+    h.server_replies(b"+OK\r\n"); // the AUTH's (the SET's reply is skipped by the server)
+    assert_eq!(h.core.credential().map(|c| c.generation), Some(2));
+    h.client(&[&["PING"]]);
+    h.server_replies(b"+PONG\r\n");
     h.client_gets("+PONG\r\n");
 }
 
@@ -363,11 +383,7 @@ fn replies_off_then_a_resp2_subscribe() {
     );
     h.client_gets("*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n");
     h.rotate(2);
-    h.server_gets(&[
-        &["CLIENT", "REPLY", "ON"],
-        &["AUTH", "oid", "token-2"],
-        &["CLIENT", "REPLY", "OFF"],
-    ]);
+    h.server_gets(&[&["AUTH", "oid", "token-2"]]);
 }
 
 /// Defect 4: RESP2 client-side caching with REDIRECT: the subscriber gets the RESP2 message.
@@ -529,11 +545,7 @@ fn reply_skip_and_off_inside_exec_are_followed_exactly() {
     h.client_gets("+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n");
     h.server_got();
     h.rotate(2);
-    h.server_gets(&[
-        &["CLIENT", "REPLY", "ON"],
-        &["AUTH", "oid", "token-2"],
-        &["CLIENT", "REPLY", "OFF"],
-    ]);
+    h.server_gets(&[&["AUTH", "oid", "token-2"]]);
 }
 
 #[test]
@@ -587,6 +599,74 @@ fn an_unblocked_slice_is_the_clients_answer() {
     h.server_replies(b"*-1\r\n");
     h.client_gets("*-1\r\n");
     h.server_gets(&[]);
+}
+
+/// Another client's script ran past `busy-reply-threshold` while this client was blocked: the
+/// re-issued slice is refused with `-BUSY`, which the client (blocked before the server became
+/// busy) would never have seen. The slice is sent again, every `BUSY_RETRY`, until it runs;
+/// only its real reply reaches the client, and its later commands wait as while blocked.
+#[test]
+fn a_slice_refused_busy_is_sent_again_and_the_client_stays_blocked() {
+    const BUSY: &[u8] =
+        b"-BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.\r\n";
+    let mut h = H::with(None, Duration::from_secs(10));
+    h.client(&[&["BLPOP", "k", "0"]]);
+    let first = h.server_got();
+    let slice: f64 = first[0][2].parse().unwrap();
+    h.now += Duration::from_secs_f64(slice);
+    h.server_replies(b"*-1\r\n"); // the first slice ran out
+    assert_eq!(h.server_got()[0][..2], ["BLPOP", "k"]);
+    h.server_replies(BUSY);
+    h.client_gets("");
+    h.client(&[&["GET", "other"]]); // waits, as behind a blocked command
+    h.server_gets(&[]);
+    for _ in 0..3 {
+        assert_eq!(h.core.next_wakeup(), Some(h.now + BUSY_RETRY));
+        h.later(BUSY_RETRY);
+        assert_eq!(h.server_got()[0][..2], ["BLPOP", "k"]);
+        h.server_replies(BUSY);
+        h.client_gets("");
+    }
+    h.later(BUSY_RETRY); // the script is over: the slice blocks, then gets the data
+    assert_eq!(h.server_got()[0][..2], ["BLPOP", "k"]);
+    h.server_replies(b"*2\r\n$1\r\nk\r\n$1\r\nv\r\n");
+    h.client_gets("*2\r\n$1\r\nk\r\n$1\r\nv\r\n");
+    h.server_gets(&[&["GET", "other"]]);
+    assert_eq!(h.core.next_wakeup(), None);
+}
+
+/// A `-BUSY` to the client's own blocking command is the client's: its command reached a busy
+/// server, as it would have directly. So is an error that only starts like it.
+#[test]
+fn a_busy_refusal_of_the_clients_own_command_is_its_answer() {
+    let mut h = H::with(None, Duration::from_secs(10));
+    h.client(&[&["BLPOP", "k", "0"]]);
+    h.server_got();
+    h.server_replies(b"-BUSY Redis is busy running a script.\r\n");
+    h.client_gets("-BUSY Redis is busy running a script.\r\n");
+    h.client(&[&["BLPOP", "k", "0"]]);
+    let first = h.server_got();
+    let slice: f64 = first[0][2].parse().unwrap();
+    h.now += Duration::from_secs_f64(slice);
+    h.server_replies(b"*-1\r\n");
+    h.server_got();
+    h.server_replies(b"-BUSYKEY Target key name already exists.\r\n");
+    h.client_gets("-BUSYKEY Target key name already exists.\r\n");
+    assert_eq!(h.core.next_wakeup(), None);
+}
+
+/// A client that leaves while its slice waits out a busy server ends its session.
+#[test]
+fn a_client_that_leaves_while_its_slice_waits_ends_the_session() {
+    let mut h = H::with(None, Duration::from_secs(10));
+    h.client(&[&["BLPOP", "k", "0"]]);
+    let slice: f64 = h.server_got()[0][2].parse().unwrap();
+    h.now += Duration::from_secs_f64(slice);
+    h.server_replies(b"*-1\r\n");
+    h.server_got();
+    h.server_replies(b"-BUSY Redis is busy running a script.\r\n");
+    h.core.client_closed();
+    assert!(matches!(h.core.finished(), Some(Ok(()))));
 }
 
 #[test]
