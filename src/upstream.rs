@@ -214,7 +214,24 @@ impl Upstream {
             check_ok(replies.next()).map_err(UpstreamError::Auth)?;
         }
         if self.database != 0 {
-            check_ok(replies.next()).map_err(UpstreamError::Select)?;
+            let mut reply = replies.next().cloned();
+            // While another client's script or function runs past `busy-reply-threshold`, Redis
+            // refuses `SELECT` (not `AUTH`) with `-BUSY`. A client connecting directly then would
+            // still be connected, its commands refused until the script ends; so the `SELECT` is
+            // sent again until it runs, within the connect timeout, rather than refusing the
+            // client a connection for it.
+            if reply.as_ref().is_some_and(|r| r.starts_with(b"-BUSY ")) {
+                tracing::debug!(
+                    upstream = %self.addr(),
+                    "SELECT refused: the server is busy (a script or function); sending it again until it runs"
+                );
+            }
+            while reply.as_ref().is_some_and(|r| r.starts_with(b"-BUSY ")) {
+                tokio::time::sleep(SELECT_BUSY_RETRY).await;
+                let select = [select_command(self.database)];
+                reply = roundtrip(&mut stream, &select).await?.into_iter().next();
+            }
+            check_ok(reply.as_ref()).map_err(UpstreamError::Select)?;
         }
         Ok(stream)
     }
@@ -294,6 +311,9 @@ fn client_config(config: &Config) -> Result<rustls::ClientConfig, ConfigError> {
         .map_err(|e| ConfigError(format!("TLS setup failed: {e}")))?;
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
+
+/// How long a connection whose `SELECT` a busy server refused waits before sending it again.
+const SELECT_BUSY_RETRY: Duration = Duration::from_millis(100);
 
 /// `SELECT <db>`.
 pub fn select_command(db: u32) -> Bytes {

@@ -744,6 +744,25 @@ async fn a_user_assigned_managed_identity_is_chosen_by_its_client_id() {
     );
 }
 
+/// Waits until `CLIENT LIST` shows `command` as the last one each of the connections `ids` ran.
+async fn wait_until_last_command_is(probe: &mut RespClient, ids: &[String], command: &str) {
+    let wanted = format!("cmd={command}");
+    for _ in 0..500 {
+        let mut args = vec!["CLIENT", "LIST", "ID"];
+        args.extend(ids.iter().map(String::as_str));
+        let list = probe.cmd(&args).await.as_str().unwrap_or_default();
+        let ran = list
+            .lines()
+            .filter(|l| l.split_whitespace().any(|f| f == wanted))
+            .count();
+        if ran == ids.len() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("connections {ids:?} never ran {command}");
+}
+
 /// Waits until `probe` (a direct connection) is refused with `-BUSY`: another client's script
 /// has run past `busy-reply-threshold`, and Redis runs only `AUTH`, `SCRIPT KILL` and a few others.
 async fn wait_until_busy(probe: &mut RespClient) {
@@ -787,10 +806,14 @@ async fn a_key_rotation_while_a_script_keeps_redis_busy_leaves_a_replies_off_cli
     );
     let mut proxied = RespClient::connect(proxy.addr()).await;
     let mut direct = direct_client().await;
+    let mut ids = Vec::new();
     for (c, key) in [(&mut proxied, "off-proxied"), (&mut direct, "off-direct")] {
+        ids.push(client_id(c).await.to_string());
         c.send(&["CLIENT", "REPLY", "OFF"]).await;
         c.send(&["SET", key, "v"]).await;
     }
+    // Both ran before the script starts (a busy server would refuse them too).
+    wait_until_last_command_is(&mut probe, &ids, "set").await;
     let mut script = direct_client().await;
     script.send(&["EVAL", "while true do end", "0"]).await;
     wait_until_busy(&mut probe).await;
@@ -799,9 +822,6 @@ async fn a_key_rotation_while_a_script_keeps_redis_busy_leaves_a_replies_off_cli
     proxy
         .wait_for_output("with the client's replies off", Duration::from_secs(15))
         .await;
-    for c in [&mut proxied, &mut direct] {
-        c.send(&["SET", "during-busy", "x"]).await; // refused, and the refusal unsent
-    }
     assert!(probe.cmd(&["SCRIPT", "KILL"]).await.is_ok());
     assert!(script.read().await.is_error_code("ERR")); // "Script killed by user"
 
@@ -810,17 +830,81 @@ async fn a_key_rotation_while_a_script_keeps_redis_busy_leaves_a_replies_off_cli
         c.send(&["CLIENT", "REPLY", "ON"]).await;
         c.send(&["PING"]).await;
         c.send(&["GET", key]).await;
-        c.send(&["EXISTS", "during-busy"]).await;
         let mut replies = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..3 {
             replies.push(c.read().await);
         }
         got.push(replies);
     }
     assert_eq!(got[0], got[1], "through the proxy vs directly");
-    assert_eq!(
-        got[0],
-        [Value::ok(), Value::simple("PONG"), bulk("v"), Value::Int(0)]
-    );
+    assert_eq!(got[0], [Value::ok(), Value::simple("PONG"), bulk("v")]);
     assert!(proxy.output_contains("using the new key"));
+}
+
+/// A busy server (another client's script past `busy-reply-threshold`) refuses the `SELECT` the
+/// proxy sends for `--database` on each new upstream connection and after `RESET` (it still
+/// runs `RESET` and `AUTH`). A client connecting then keeps its connection, and a client that
+/// sends `RESET` then gets its own refusals as directly; neither runs a command anywhere but in
+/// its database.
+#[tokio::test]
+async fn while_a_script_keeps_redis_busy_new_and_reset_clients_stay_in_their_database() {
+    let setup = Setup::access_key().await;
+    let proxy = setup.start_proxy_with(&["--database", "9"], &[]).await;
+    let key = setup.redis.access_key();
+    let direct_client = || async {
+        let mut c = RespClient::connect_tls(setup.redis.port(), &setup.pki).await;
+        assert!(c.cmd(&["AUTH", key.as_str()]).await.is_ok());
+        c
+    };
+    let mut probe = direct_client().await;
+    assert!(
+        probe
+            .cmd(&["CONFIG", "SET", "busy-reply-threshold", "50"])
+            .await
+            .is_ok()
+    );
+    let mut resetting = RespClient::connect(proxy.addr()).await;
+    assert_eq!(resetting.cmd(&["PING"]).await, Value::simple("PONG"));
+    let mut script = direct_client().await;
+    script.send(&["EVAL", "while true do end", "0"]).await;
+    wait_until_busy(&mut probe).await;
+
+    assert_eq!(resetting.cmd(&["RESET"]).await, Value::simple("RESET"));
+    assert!(
+        resetting
+            .cmd(&["SET", "during-busy", "v"])
+            .await
+            .is_error_code("BUSY"),
+        "refused, as directly"
+    );
+    let mut late = RespClient::connect(proxy.addr()).await;
+    late.send(&["SET", "late", "v"]).await;
+    proxy
+        .wait_for_output(
+            "SELECT refused: the server is busy",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(probe.cmd(&["SCRIPT", "KILL"]).await.is_ok());
+    assert!(script.read().await.is_error_code("ERR")); // "Script killed by user"
+
+    assert!(
+        late.read().await.is_ok(),
+        "the late client kept its connection"
+    );
+    assert!(resetting.cmd(&["SET", "after-reset", "v"]).await.is_ok());
+    assert!(probe.cmd(&["SELECT", "9"]).await.is_ok());
+    assert_eq!(
+        probe
+            .cmd(&["EXISTS", "late", "after-reset", "during-busy"])
+            .await,
+        Value::Int(2)
+    );
+    assert!(probe.cmd(&["SELECT", "0"]).await.is_ok());
+    assert_eq!(
+        probe
+            .cmd(&["EXISTS", "late", "after-reset", "during-busy"])
+            .await,
+        Value::Int(0)
+    );
 }

@@ -141,6 +141,9 @@ pub struct Core {
     /// command waits.
     auth_failures: u32,
     throttled_until: Option<Instant>,
+    /// Restoring commands ([`Owner::Restore`]) that a busy server refused: sent again ahead of
+    /// the client's next command until one of each runs.
+    unrestored: Vec<Bytes>,
     /// A sliced blocking command whose re-issued slice the server refused with `-BUSY`, and
     /// when to send it again ([`BlockingCall::refused_busy`]). Only in [`Mode::Blocked`], with
     /// nothing of the call's pending.
@@ -207,6 +210,7 @@ impl Core {
             client_authed,
             auth_failures: 0,
             throttled_until: None,
+            unrestored: Vec::new(),
             blocked_retry: None,
             request_streaming: false,
             reply_streaming: None,
@@ -243,14 +247,12 @@ impl Core {
         if resp3 {
             // The client said `HELLO 3` while shared: its own connection speaks RESP3 before
             // anything else runs on it (Redis 6+ can't refuse `HELLO 3`).
-            self.to_upstream.extend_from_slice(HELLO_3);
-            self.pending.push(Owner::Proxy(ProxyCommand::Setup));
+            self.restore(Bytes::from_static(HELLO_3));
             self.state.framing = Framing::Resp3;
             self.pristine = false;
         }
         for command in setup {
-            self.to_upstream.extend_from_slice(command);
-            self.pending.push(Owner::Proxy(ProxyCommand::Setup));
+            self.restore(command.clone());
             self.pristine = false;
         }
         if authenticated && !self.client_authed {
@@ -364,6 +366,7 @@ impl Core {
             && !self.state.asking
             && !self.state.subs.any()
             && self.pending.is_empty()
+            && self.unrestored.is_empty()
             && !self.request_streaming
             && self.reply_streaming.is_none()
             && !self.auth.in_flight
@@ -584,6 +587,9 @@ impl Core {
         } else if let Mode::Transaction(_) = self.state.mode {
             self.queued_command(cmd, frame, rest)
         } else {
+            if cmd != Command::Reset {
+                self.restore_before(); // (RESET drops what was to be restored)
+            }
             self.immediate_command(cmd, frame, rest, now)
         };
         if disposition == Disposition::Done {
@@ -1138,10 +1144,11 @@ impl Core {
             });
             self.auth.in_flight = true;
         }
+        // RESET forgot whatever was still to be restored (a name, the database): only the
+        // database is put back.
+        self.unrestored.clear();
         if self.ctx.database != 0 {
-            self.to_upstream
-                .extend_from_slice(&select_command(self.ctx.database));
-            self.pending.push(Owner::Proxy(ProxyCommand::Select));
+            self.restore(select_command(self.ctx.database));
         }
     }
 
@@ -1638,10 +1645,11 @@ impl Core {
             });
             self.auth.in_flight = true;
         }
+        // RESET forgot whatever was still to be restored (a name, the database): only the
+        // database is put back.
+        self.unrestored.clear();
         if self.ctx.database != 0 {
-            self.to_upstream
-                .extend_from_slice(&select_command(self.ctx.database));
-            self.pending.push(Owner::Proxy(ProxyCommand::Select));
+            self.restore(select_command(self.ctx.database));
         }
     }
 
@@ -1740,6 +1748,7 @@ impl Core {
                 self.auth_reply(frame, credential, required);
             }
             Owner::Proxy(command) => self.proxy_reply(command, frame),
+            Owner::Restore(command) => self.restore_reply(command, frame),
             Owner::Multi => {
                 self.to_client.extend_from_slice(frame);
                 if is_error(frame) && matches!(self.state.mode, Mode::Transaction(_)) {
@@ -1794,6 +1803,49 @@ impl Core {
         }
     }
 
+    /// Sends a command that restores connection state the client counts on ([`Owner::Restore`]).
+    fn restore(&mut self, command: Bytes) {
+        self.to_upstream.extend_from_slice(&command);
+        self.pending.push(Owner::Restore(command));
+    }
+
+    /// The reply to a restoring command. While another client's script or function runs past
+    /// `busy-reply-threshold`, Redis refuses it (as it refuses every command but `AUTH`,
+    /// `HELLO`, `RESET`, `SCRIPT KILL` and a few others) with `-BUSY`: the command is then kept
+    /// and sent again ahead of the client's next command ([`Core::restore_before`]), so the
+    /// database after a `RESET`, or a pinned client's name, is back before any command of the
+    /// client's runs. Any other refusal is final (e.g. `CLIENT SETINFO` on Redis 7.0, which
+    /// doesn't know it).
+    fn restore_reply(&mut self, command: Bytes, frame: &[u8]) {
+        if frame.starts_with(b"-BUSY ") {
+            if !self.unrestored.contains(&command) {
+                self.unrestored.push(command);
+            }
+            return;
+        }
+        self.unrestored.retain(|c| *c != command);
+        if is_error(frame) {
+            tracing::debug!(conn = self.id, error = %error_text(frame), "upstream refused a command restoring the client's connection state");
+        }
+    }
+
+    /// Sends, ahead of the client command about to go upstream, what a busy server refused of
+    /// the restoring commands. Redis refuses commands in order while it is busy, so the
+    /// client's command meets the same refusal it would have met directly, and the first one
+    /// that runs runs after the restored state. Not inside a transaction (it would be queued),
+    /// nor with replies off or skipped (its reply would not come).
+    fn restore_before(&mut self) {
+        if self.unrestored.is_empty()
+            || !matches!(self.state.mode, Mode::Normal)
+            || self.state.replies != Replies::On
+        {
+            return;
+        }
+        for command in self.unrestored.clone() {
+            self.restore(command);
+        }
+    }
+
     /// The reply to a proxy command other than `AUTH`.
     fn proxy_reply(&mut self, command: ProxyCommand, frame: &[u8]) {
         if !is_error(frame) {
@@ -1811,10 +1863,7 @@ impl Core {
             }
             // Outside a cluster ASKING is refused; sending it again changed nothing.
             ProxyCommand::Asking => {}
-            ProxyCommand::Setup => {
-                tracing::debug!(conn = self.id, error = %error_text(frame), "upstream refused a state a shared client had set");
-            }
-            ProxyCommand::Select | ProxyCommand::ReplyOn => {
+            ProxyCommand::ReplyOn => {
                 tracing::warn!(conn = self.id, error = %error_text(frame), "upstream refused a proxy command");
             }
         }

@@ -33,17 +33,12 @@ pub enum SubKind {
 /// A command the proxy sends for itself; its reply is consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyCommand {
-    /// `SELECT <--database>` after `RESET`.
-    Select,
     /// `CLIENT REPLY ON` around a proxy command while the client's replies are off or skipped.
     ReplyOn,
     /// `ASKING` again after a proxy command, for the client's next command.
     Asking,
     /// `HELLO 2|3`: switching the upstream's protocol for a RESP2 subscriber.
     Hello(u8),
-    /// A command that restores state a multiplexed client set while it was shared (its
-    /// `CLIENT SETNAME`), sent on the connection it is pinned to (see `crate::mux`).
-    Setup,
 }
 
 /// The owner of one expected reply.
@@ -94,6 +89,12 @@ pub enum Owner {
     },
     /// The client's `RESET`: the reply-side state starts over when it arrives.
     Reset,
+    /// A proxy command that restores connection state the client counts on: `SELECT
+    /// <--database>` after `RESET`, or, on the connection a multiplexed client is pinned to,
+    /// the protocol and `CLIENT SETNAME` it set while shared (see `crate::mux`). Its reply is
+    /// consumed; if a busy server refused it, it is sent again ahead of the client's next
+    /// command (see `Core::restore_before`).
+    Restore(Bytes),
     /// The client's `MONITOR`: on `+OK` the connection becomes a feed.
     Monitor,
     /// The client's `SYNC`/`PSYNC` (or a `MULTI` on a `MONITOR` feed): unless it is refused,
@@ -282,14 +283,14 @@ mod tests {
         for _ in 0..10_000 {
             p.push(Owner::Client);
         }
-        p.push(Owner::Proxy(ProxyCommand::Select));
+        p.push(Owner::Proxy(ProxyCommand::Asking));
         p.push(Owner::Client);
         assert_eq!((p.entries(), p.replies()), (3, 10_002));
         assert!(!p.only_plain());
         for _ in 0..10_000 {
             assert!(matches!(p.pop(), Some(Owner::Client)));
         }
-        assert!(matches!(p.pop(), Some(Owner::Proxy(ProxyCommand::Select))));
+        assert!(matches!(p.pop(), Some(Owner::Proxy(ProxyCommand::Asking))));
         assert!(p.only_plain());
         assert!(matches!(p.pop(), Some(Owner::Client)));
         assert!(p.pop().is_none() && p.is_empty());

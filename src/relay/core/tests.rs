@@ -34,8 +34,12 @@ impl H {
     }
 
     fn with(listen_password: Option<&str>, lifetime: Duration) -> H {
+        H::in_database(0, listen_password, lifetime)
+    }
+
+    fn in_database(database: u32, listen_password: Option<&str>, lifetime: Duration) -> H {
         let ctx = Arc::new(RelayContext {
-            database: 0,
+            database,
             listen_password: listen_password.map(Secret::new),
             authenticate: true,
             metrics: Metrics::new(),
@@ -811,4 +815,74 @@ fn exec_of_state_changes_with_replies_off_turns_the_connection_opaque() {
     h.client_gets(">3\r\n$10\r\npsubscribe\r\n$3\r\nch*\r\n:1\r\n");
     h.rotate(2);
     h.server_gets(&[]);
+}
+
+const BUSY_SCRIPT: &[u8] =
+    b"-BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.\r\n";
+
+/// `RESET` while another client's script keeps the server busy: Redis runs `RESET` and `AUTH`
+/// (both allowed then) but refuses the proxy's `SELECT <--database>`. The `SELECT` goes again
+/// ahead of each client command until one runs, so no command of the client's runs in
+/// database 0; the client's own refusals reach it as they would directly.
+#[test]
+fn a_select_after_reset_refused_busy_goes_again_before_the_clients_next_commands() {
+    let mut h = H::in_database(9, None, Duration::from_secs(3600));
+    h.client(&[&["RESET"]]);
+    h.server_gets(&[&["RESET"], &["AUTH", "oid", "token-1"], &["SELECT", "9"]]);
+    h.server_replies(b"+RESET\r\n+OK\r\n");
+    h.server_replies(BUSY_SCRIPT);
+    h.client_gets("+RESET\r\n");
+    h.client(&[&["SET", "k", "v"]]);
+    h.server_gets(&[&["SELECT", "9"], &["SET", "k", "v"]]);
+    h.server_replies(BUSY_SCRIPT);
+    h.server_replies(BUSY_SCRIPT);
+    h.client_gets(std::str::from_utf8(BUSY_SCRIPT).unwrap()); // the SET's, as directly
+    h.client(&[&["SCRIPT", "KILL"], &["SET", "k", "v"]]);
+    h.server_gets(&[
+        &["SELECT", "9"],
+        &["SCRIPT", "KILL"],
+        &["SELECT", "9"],
+        &["SET", "k", "v"],
+    ]);
+    h.server_replies(BUSY_SCRIPT); // SELECT
+    h.server_replies(b"+OK\r\n"); // SCRIPT KILL: the script is over
+    h.server_replies(b"+OK\r\n+OK\r\n"); // SELECT, SET
+    h.client_gets("+OK\r\n+OK\r\n");
+    h.client(&[&["GET", "k"]]);
+    h.server_gets(&[&["GET", "k"]]); // restored: nothing ahead of it any more
+    assert!(!h.core.recyclable());
+    h.server_replies(b"$1\r\nv\r\n");
+    h.client_gets("$1\r\nv\r\n");
+}
+
+/// A multiplexed client pinned while another client's script keeps the server busy: its
+/// `CLIENT SETNAME` is refused on the new connection and goes again ahead of its commands, so
+/// `CLIENT GETNAME` answers its name once the script is over. A `RESET` drops it (as Redis
+/// drops the name).
+#[test]
+fn a_pinned_clients_name_refused_busy_is_set_before_its_next_command() {
+    let mut h = H::new();
+    let setname = Bytes::from(cmd(&["CLIENT", "SETNAME", "app"]));
+    h.core.take_over(&cmd(&["MULTI"]), &[setname], true, false);
+    h.core.process(h.now);
+    h.server_gets(&[&["CLIENT", "SETNAME", "app"], &["MULTI"]]);
+    h.server_replies(BUSY_SCRIPT);
+    h.server_replies(BUSY_SCRIPT);
+    h.client_gets(std::str::from_utf8(BUSY_SCRIPT).unwrap()); // MULTI's, as directly
+    h.client(&[&["CLIENT", "GETNAME"]]);
+    h.server_gets(&[&["CLIENT", "SETNAME", "app"], &["CLIENT", "GETNAME"]]);
+    h.server_replies(b"+OK\r\n$3\r\napp\r\n");
+    h.client_gets("$3\r\napp\r\n");
+
+    let mut h = H::new();
+    let setname = Bytes::from(cmd(&["CLIENT", "SETNAME", "app"]));
+    h.core.take_over(&[], &[setname], true, false);
+    h.core.process(h.now);
+    h.server_got();
+    h.server_replies(BUSY_SCRIPT);
+    h.client(&[&["RESET"]]);
+    h.server_gets(&[&["RESET"], &["AUTH", "oid", "token-1"]]);
+    h.server_replies(b"+RESET\r\n+OK\r\n");
+    h.client(&[&["CLIENT", "GETNAME"]]);
+    h.server_gets(&[&["CLIENT", "GETNAME"]]);
 }
