@@ -144,6 +144,10 @@ pub struct Core {
     /// Restoring commands ([`Owner::Restore`]) that a busy server refused: sent again ahead of
     /// the client's next command until one of each runs.
     unrestored: Vec<Bytes>,
+    /// Client commands handled so far, and the count at which [`Core::restore_before`] last
+    /// sent anything: a command held and looked at again is not preceded twice.
+    commands_done: u64,
+    restored_at: u64,
     /// A sliced blocking command whose re-issued slice the server refused with `-BUSY`, and
     /// when to send it again ([`BlockingCall::refused_busy`]). Only in [`Mode::Blocked`], with
     /// nothing of the call's pending.
@@ -211,6 +215,8 @@ impl Core {
             auth_failures: 0,
             throttled_until: None,
             unrestored: Vec::new(),
+            commands_done: 0,
+            restored_at: u64::MAX,
             blocked_retry: None,
             request_streaming: false,
             reply_streaming: None,
@@ -593,6 +599,7 @@ impl Core {
             self.immediate_command(cmd, frame, rest, now)
         };
         if disposition == Disposition::Done {
+            self.commands_done += 1;
             self.ctx.metrics.commands.inc();
             self.pristine &= match cmd {
                 Command::Client => args
@@ -1836,11 +1843,13 @@ impl Core {
     /// nor with replies off or skipped (its reply would not come).
     fn restore_before(&mut self) {
         if self.unrestored.is_empty()
+            || self.restored_at == self.commands_done
             || !matches!(self.state.mode, Mode::Normal)
             || self.state.replies != Replies::On
         {
             return;
         }
+        self.restored_at = self.commands_done;
         for command in self.unrestored.clone() {
             self.restore(command);
         }

@@ -886,3 +886,34 @@ fn a_pinned_clients_name_refused_busy_is_set_before_its_next_command() {
     h.client(&[&["CLIENT", "GETNAME"]]);
     h.server_gets(&[&["CLIENT", "GETNAME"]]);
 }
+
+/// A command held and looked at again (a RESP3 client's `HELLO 2` waits for earlier replies) is
+/// preceded by a restoring command once, not at every look.
+#[test]
+fn a_held_command_is_preceded_by_a_refused_restore_once() {
+    let mut h = H::in_database(9, None, Duration::from_secs(3600));
+    h.client(&[&["HELLO", "3"]]);
+    h.server_gets(&[&["HELLO", "3"]]);
+    h.server_replies(b"%1\r\n$5\r\nproto\r\n:3\r\n");
+    h.client_got();
+    h.client(&[&["RESET"]]);
+    h.server_got();
+    h.server_replies(b"+RESET\r\n+OK\r\n");
+    h.server_replies(BUSY_SCRIPT); // the SELECT
+    h.client_got();
+    h.client(&[&["HELLO", "3"]]);
+    h.server_gets(&[&["SELECT", "9"], &["HELLO", "3"]]);
+    h.server_replies(BUSY_SCRIPT); // SELECT
+    h.server_replies(b"%1\r\n$5\r\nproto\r\n:3\r\n"); // HELLO 3 (allowed while busy)
+    h.client_got();
+    h.client(&[&["GET", "k"], &["HELLO", "2"]]);
+    // HELLO 2 waits for the GET's reply; its SELECT went once, however often it is looked at.
+    h.server_gets(&[&["SELECT", "9"], &["GET", "k"], &["SELECT", "9"]]);
+    h.server_replies(b"+OK\r\n"); // SELECT: restored
+    h.server_gets(&[]);
+    h.server_replies(b"_\r\n"); // GET
+    h.server_gets(&[]);
+    h.server_replies(b"+OK\r\n"); // the second SELECT
+    h.server_gets(&[&["HELLO", "2"]]);
+    h.client_gets("_\r\n");
+}
