@@ -375,7 +375,10 @@ async fn service(
     let replies = roundtrip(&mut entry.ready.stream, &[command])
         .await
         .map_err(|_| "connection broken")?;
-    if !replies.first().is_some_and(|r| r.starts_with(b"+")) {
+    // A `-BUSY` to the `PING` (another client's script has run past `busy-reply-threshold`)
+    // says the connection is alive: it is kept, not dropped and dialled again meanwhile.
+    let busy = !stale && replies.first().is_some_and(|r| r.starts_with(b"-BUSY "));
+    if !busy && !replies.first().is_some_and(|r| r.starts_with(b"+")) {
         return Err(if stale {
             REAUTH_REFUSED
         } else {
@@ -401,4 +404,49 @@ async fn still_open(stream: &mut UpstreamStream) -> bool {
         Poll::Ready(Pin::new(&mut *stream).poll_read(cx, &mut buf).is_pending())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// An idle connection to a fake server that answers one command with `reply`.
+    async fn idle_answering(reply: &'static [u8]) -> Idle {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut server, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = server.read(&mut buf).await;
+            server.write_all(reply).await.unwrap();
+            let _ = server.read(&mut buf).await; // stays open until the client goes
+        });
+        let stream = UpstreamStream::Plain(TcpStream::connect(addr).await.unwrap());
+        Idle {
+            id: POOL_ID_BASE,
+            ready: Ready {
+                stream,
+                credential: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ping_refused_by_a_busy_server_keeps_the_connection() {
+        let busy = b"-BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.\r\n";
+        assert!(service(idle_answering(busy).await, None).await.is_ok());
+        assert!(
+            service(idle_answering(b"+PONG\r\n").await, None)
+                .await
+                .is_ok()
+        );
+        let refused = service(
+            idle_answering(b"-NOAUTH Authentication required.\r\n").await,
+            None,
+        )
+        .await;
+        assert_eq!(refused.err(), Some("PING refused"));
+    }
 }
