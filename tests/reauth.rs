@@ -747,7 +747,7 @@ async fn a_user_assigned_managed_identity_is_chosen_by_its_client_id() {
 /// Waits until `CLIENT LIST` shows `command` as the last one each of the connections `ids` ran.
 async fn wait_until_last_command_is(probe: &mut RespClient, ids: &[String], command: &str) {
     let wanted = format!("cmd={command}");
-    for _ in 0..500 {
+    for _ in 0..5000 {
         let mut args = vec!["CLIENT", "LIST", "ID"];
         args.extend(ids.iter().map(String::as_str));
         let list = probe.cmd(&args).await.as_str().unwrap_or_default();

@@ -42,13 +42,14 @@
 //!    plain client command (or is a reply the proxy made up). So no mode change awaits its
 //!    confirmation, no subscription count is unresolved, and no proxy command is in flight; the
 //!    state the `AUTH` will run in is exactly the state known now.
-//! 6. **No `CLIENT REPLY SKIP` awaits the command it skips**: an `AUTH` sent now would be the
-//!    skipped one. The skip lasts one command, so the `AUTH` follows that command.
 //!
 //! How it is injected depends on the state, not whether: with replies off, the `AUTH` is sent
 //! as it is and no reply is awaited, since Redis sends none (see `inject_auth` in
-//! [`super::core`] for why it is not wrapped in `CLIENT REPLY ON` … `OFF`); after `ASKING` the
-//! proxy sends `ASKING` again so that the client's next command still gets it
+//! [`super::core`] for why it is not wrapped in `CLIENT REPLY ON` … `OFF`); with a skip
+//! pending, it is wrapped in `CLIENT REPLY ON` … `CLIENT REPLY SKIP` (both replies consumed),
+//! so that the client's next command is still the skipped one (waiting for that command
+//! instead would leave an idle connection unauthenticated until Azure closes it); after
+//! `ASKING` the proxy sends `ASKING` again so that the client's next command still gets it
 //! ([`Injection`]). A RESP2 subscriber can be re-authenticated because its upstream speaks
 //! RESP3, where `AUTH` is allowed while subscribed ([`Framing::Resp2OverResp3`]).
 //!
@@ -293,10 +294,6 @@ impl ConnState {
         if !progress.only_plain_replies {
             return None;
         }
-        // 6. Not in place of the command a `CLIENT REPLY SKIP` skips.
-        if self.replies == Replies::Skip {
-            return None;
-        }
         Some(self.injection())
     }
 
@@ -372,12 +369,6 @@ mod tests {
         }
         s.mode = Mode::Monitor;
         assert!(s.safe_point(progress()).is_some());
-        s.mode = Mode::Normal;
-        s.replies = Replies::Skip;
-        assert!(
-            s.safe_point(progress()).is_none(),
-            "6: a SKIP awaits its command"
-        );
     }
 
     #[test]
@@ -408,7 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn replies_off_and_asking_change_how_not_whether() {
+    fn replies_off_skip_and_asking_change_how_not_whether() {
         let mut s = ConnState {
             replies: Replies::Off,
             ..ConnState::default()
@@ -420,11 +411,12 @@ mod tests {
                 restore_asking: false
             })
         );
+        s.replies = Replies::Skip;
         s.asking = true;
         assert_eq!(
             s.safe_point(progress()),
             Some(Injection {
-                restore_replies: Some(Replies::Off),
+                restore_replies: Some(Replies::Skip),
                 restore_asking: true
             })
         );

@@ -188,20 +188,24 @@ fn replies_off_reauth_while_the_server_is_busy_costs_the_client_no_reply() {
     h.client_gets("+OK\r\n+PONG\r\n$1\r\nv\r\n");
 }
 
-/// A `CLIENT REPLY SKIP` skips the next command: the `AUTH` waits for that command (it would
-/// be skipped in its place) and follows it, with an ordinary reply.
+/// A `CLIENT REPLY SKIP` with nothing after it yet: the `AUTH` goes at once (an idle
+/// connection must not wait for its next command while its token runs out), wrapped so that the
+/// client's next command is still the skipped one.
 #[test]
-fn auth_waits_for_the_command_a_skip_skips() {
+fn skip_is_restored_around_an_injected_auth() {
     let mut h = H::new();
     h.client(&[&["CLIENT", "REPLY", "SKIP"]]);
     h.rotate(2);
-    h.server_gets(&[&["CLIENT", "REPLY", "SKIP"]]);
-    h.client(&[&["SET", "k", "v"]]);
-    h.server_gets(&[&["SET", "k", "v"], &["AUTH", "oid", "token-2"]]);
-    h.server_replies(b"+OK\r\n"); // the AUTH's (the SET's reply is skipped by the server)
+    h.server_gets(&[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["CLIENT", "REPLY", "ON"],
+        &["AUTH", "oid", "token-2"],
+        &["CLIENT", "REPLY", "SKIP"],
+    ]);
+    h.server_replies(b"+OK\r\n+OK\r\n");
     assert_eq!(h.core.credential().map(|c| c.generation), Some(2));
-    h.client(&[&["PING"]]);
-    h.server_replies(b"+PONG\r\n");
+    h.client(&[&["SET", "k", "v"], &["PING"]]);
+    h.server_replies(b"+PONG\r\n"); // the SET's reply is skipped by the server
     h.client_gets("+PONG\r\n");
 }
 
