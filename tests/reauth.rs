@@ -763,6 +763,41 @@ async fn wait_until_last_command_is(probe: &mut RespClient, ids: &[String], comm
     panic!("connections {ids:?} never ran {command}");
 }
 
+/// A direct TLS connection to the test's Redis, authenticated with `key`.
+async fn direct_client(setup: &Setup, key: &str) -> RespClient {
+    let mut c = RespClient::connect_tls(setup.redis.port(), &setup.pki).await;
+    assert!(c.cmd(&["AUTH", key]).await.is_ok());
+    c
+}
+
+/// A direct connection that watches and ends busy spells: `busy-reply-threshold` is set to
+/// 50 ms, so a script makes the server busy almost at once.
+async fn busy_probe(setup: &Setup, key: &str) -> RespClient {
+    let mut probe = direct_client(setup, key).await;
+    assert!(
+        probe
+            .cmd(&["CONFIG", "SET", "busy-reply-threshold", "50"])
+            .await
+            .is_ok()
+    );
+    probe
+}
+
+/// Starts a script that runs until it is killed, and waits until the server is busy. Returns
+/// the script's connection, for [`kill_busy_script`].
+async fn start_busy_script(setup: &Setup, key: &str, probe: &mut RespClient) -> RespClient {
+    let mut script = direct_client(setup, key).await;
+    script.send(&["EVAL", "while true do end", "0"]).await;
+    wait_until_busy(probe).await;
+    script
+}
+
+/// Ends the busy spell: `SCRIPT KILL`, and the script's own error reply.
+async fn kill_busy_script(probe: &mut RespClient, mut script: RespClient) {
+    assert!(probe.cmd(&["SCRIPT", "KILL"]).await.is_ok());
+    assert!(script.read().await.is_error_code("ERR")); // "Script killed by user"
+}
+
 /// Waits until `probe` (a direct connection) is refused with `-BUSY`: another client's script
 /// has run past `busy-reply-threshold`, and Redis runs only `AUTH`, `SCRIPT KILL` and a few others.
 async fn wait_until_busy(probe: &mut RespClient) {
@@ -792,20 +827,9 @@ async fn a_key_rotation_while_a_script_keeps_redis_busy_leaves_a_replies_off_cli
     let proxy = ProxyProcess::start(&args, &[]).await;
     let new_key = "rotated-access-key-busy";
     setup.redis.set_access_keys(&[&old_key, new_key]).await; // (ACL SETUSER: not while busy)
-    let direct_client = || async {
-        let mut c = RespClient::connect_tls(setup.redis.port(), &setup.pki).await;
-        assert!(c.cmd(&["AUTH", old_key.as_str()]).await.is_ok());
-        c
-    };
-    let mut probe = direct_client().await;
-    assert!(
-        probe
-            .cmd(&["CONFIG", "SET", "busy-reply-threshold", "50"])
-            .await
-            .is_ok()
-    );
+    let mut probe = busy_probe(&setup, &old_key).await;
     let mut proxied = RespClient::connect(proxy.addr()).await;
-    let mut direct = direct_client().await;
+    let mut direct = direct_client(&setup, &old_key).await;
     let mut ids = Vec::new();
     for (c, key) in [(&mut proxied, "off-proxied"), (&mut direct, "off-direct")] {
         ids.push(client_id(c).await.to_string());
@@ -814,16 +838,13 @@ async fn a_key_rotation_while_a_script_keeps_redis_busy_leaves_a_replies_off_cli
     }
     // Both ran before the script starts (a busy server would refuse them too).
     wait_until_last_command_is(&mut probe, &ids, "set").await;
-    let mut script = direct_client().await;
-    script.send(&["EVAL", "while true do end", "0"]).await;
-    wait_until_busy(&mut probe).await;
+    let script = start_busy_script(&setup, &old_key, &mut probe).await;
 
     std::fs::write(&key_file, new_key).expect("rotate key file");
     proxy
         .wait_for_output("with the client's replies off", Duration::from_secs(15))
         .await;
-    assert!(probe.cmd(&["SCRIPT", "KILL"]).await.is_ok());
-    assert!(script.read().await.is_error_code("ERR")); // "Script killed by user"
+    kill_busy_script(&mut probe, script).await;
 
     let mut got = Vec::new();
     for (c, key) in [(&mut proxied, "off-proxied"), (&mut direct, "off-direct")] {
@@ -851,23 +872,10 @@ async fn while_a_script_keeps_redis_busy_new_and_reset_clients_stay_in_their_dat
     let setup = Setup::access_key().await;
     let proxy = setup.start_proxy_with(&["--database", "9"], &[]).await;
     let key = setup.redis.access_key();
-    let direct_client = || async {
-        let mut c = RespClient::connect_tls(setup.redis.port(), &setup.pki).await;
-        assert!(c.cmd(&["AUTH", key.as_str()]).await.is_ok());
-        c
-    };
-    let mut probe = direct_client().await;
-    assert!(
-        probe
-            .cmd(&["CONFIG", "SET", "busy-reply-threshold", "50"])
-            .await
-            .is_ok()
-    );
+    let mut probe = busy_probe(&setup, &key).await;
     let mut resetting = RespClient::connect(proxy.addr()).await;
     assert_eq!(resetting.cmd(&["PING"]).await, Value::simple("PONG"));
-    let mut script = direct_client().await;
-    script.send(&["EVAL", "while true do end", "0"]).await;
-    wait_until_busy(&mut probe).await;
+    let script = start_busy_script(&setup, &key, &mut probe).await;
 
     assert_eq!(resetting.cmd(&["RESET"]).await, Value::simple("RESET"));
     assert!(
@@ -885,8 +893,7 @@ async fn while_a_script_keeps_redis_busy_new_and_reset_clients_stay_in_their_dat
             Duration::from_secs(10),
         )
         .await;
-    assert!(probe.cmd(&["SCRIPT", "KILL"]).await.is_ok());
-    assert!(script.read().await.is_error_code("ERR")); // "Script killed by user"
+    kill_busy_script(&mut probe, script).await;
 
     assert!(
         late.read().await.is_ok(),
